@@ -1,0 +1,330 @@
+"""Triton kernels for routed multi-LoRA (LoRA-Mixer): y[t, s] = scaling * sum_j g[t,j] B_s[e] A_s[e] x[t].
+
+Up to three slices (packed q/k/v, unequal widths) are handled by one launch; each slice has its
+own pointer/stride arguments and its rank ``R*`` / padded row count ``ER*`` as constexprs (a slice
+beyond ``NUM_SLICES`` is never touched). All accumulation is fp32.
+
+Kernels
+-------
+``_routed_lora_token_major_kernel``  (strategy "token_major", small E*r)
+    Grid: ``cdiv(T, BLOCK_T) * NSPLIT`` programs; program (token tile, column split). It builds the
+    per-tile gate matrix ``G[t, e*r+i] = sum_j g[t,j] [ids[t,j] == e]``, computes the shrink for all
+    experts at once ``H_s = x_tile @ A_s_cat^T`` (x tile read once for all slices; A rows of experts
+    that no token of the tile uses are masked off, so they are never read: at decode only the
+    active experts' weights move), then ``y_tile = (H_s * G_s * scaling) @ B_s_cat^T`` over the
+    column tiles of its split, one write of y (or one read-modify-write for ``out +=``).
+``_routed_lora_sorted_kernel``  (strategy "expert_sorted", large E*r; ScatterMoE style)
+    The T*k (token, slot) pairs are sorted by expert; each program takes BLOCK_M pairs of ONE
+    expert (block metadata from the launcher), gathers their x rows on load, computes
+    ``h = x_rows @ A_s[e]^T`` and ``h*g @ B_s[e]^T`` for its column split, and scatters rows to y on
+    store: directly when k == 1 (each token appears once), else by fp32 atomic add into a workspace.
+``_sorted_shrink_kernel`` / ``_sorted_expand_kernel``
+    The same computation split into two launches with an fp32 [pairs, r] intermediate in global
+    memory: the vLLM shrink/expand design, kept as a benchmark baseline.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    # DOT_FP32: the interpreter mis-computes bf16 dots; IEEE: fp32 inputs get full fp32 products
+    # (not tf32), so fp32 results match the reference to ~1e-5.
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gate_rows(gm, hit, ids_j, g_j, R: tl.constexpr, ER: tl.constexpr):
+    """Add slot j's gate to the rows ``e*R + i`` of its expert; mark the expert's rows active."""
+    e = tl.arange(0, ER) // R
+    m = ids_j[:, None] == e[None, :]
+    gm += tl.where(m, g_j[:, None], 0.0)
+    hit = tl.maximum(hit, tl.max(m.to(tl.int32), axis=0))
+    return gm, hit
+
+
+@triton.jit
+def _shrink_dense(h, xk, a_ptr, kk, kmask, act, E, sae, sar, sak,
+                  R: tl.constexpr, ER: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """h[BLOCK_T, ER] += xk[BLOCK_T, BK] @ A_cat[ER, BK]^T; rows of inactive experts are not loaded."""
+    er = tl.arange(0, ER)
+    e = er // R
+    i = er % R
+    rmask = (e < E) & (act > 0)
+    a = tl.load(a_ptr + e[None, :].to(tl.int64) * sae + i[None, :] * sar + kk[:, None].to(tl.int64) * sak,
+                mask=rmask[None, :] & kmask[:, None], other=0.0)
+    return _dot(xk, a, h, DOT_FP32, IEEE)
+
+
+@triton.jit
+def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pid_n,
+                  sbe, sbn, sbr, syt, syn,
+                  R: tl.constexpr, ER: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+                  ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """y[tile, col + n] (+)= hg @ B_cat[n, :]^T over this split's share of the slice's column tiles.
+
+    Column tiles are numbered across all slices (``tile_base`` = tiles of the earlier slices) and
+    dealt round-robin to the NSPLIT programs of a token tile, so narrow k/v slices do not idle them.
+    """
+    er = tl.arange(0, ER)
+    e = er // R
+    i = er % R
+    rmask = (e < E) & (act > 0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    first = (pid_n - tile_base % NSPLIT + NSPLIT) % NSPLIT
+    for t in range(first, n_tiles, NSPLIT):
+        nn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = nn < N
+        b = tl.load(b_ptr + e[:, None].to(tl.int64) * sbe + nn[None, :].to(tl.int64) * sbn + i[:, None] * sbr,
+                    mask=rmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(hg, b, tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32), DOT_FP32, IEEE)
+        yp = y_ptr + offs_t[:, None].to(tl.int64) * syt + (col + nn)[None, :].to(tl.int64) * syn
+        ymask = tmask[:, None] & nmask[None, :]
+        if ACCUMULATE:
+            acc += tl.load(yp, mask=ymask, other=0.0).to(tl.float32)
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    return n_tiles
+
+
+@triton.jit
+def _routed_lora_token_major_kernel(
+    x_ptr, ids_ptr, gates_ptr, y_ptr,
+    a0_ptr, b0_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
+    T, D_IN, E, K,
+    n0, n1, n2, col0, col1, col2,
+    sxt, sxk, sit, sik, sgt, sgk, syt, syn,
+    sa0e, sa0r, sa0k, sb0e, sb0n, sb0r,
+    sa1e, sa1r, sa1k, sb1e, sb1n, sb1r,
+    sa2e, sa2r, sa2k, sb2e, sb2n, sb2r,
+    scaling,
+    NUM_SLICES: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+    ER0: tl.constexpr, ER1: tl.constexpr, ER2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # Splits of one token tile are adjacent program ids, so they run together and share x in L2.
+    pid_t = pid // NSPLIT
+    pid_n = pid % NSPLIT
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+
+    # Gate matrix and active-expert rows of this token tile. Out-of-range ids (never validated on
+    # CUDA) become -1 and so match no expert: they cannot address memory.
+    gm0 = tl.zeros((BLOCK_T, ER0), dtype=tl.float32)
+    gm1 = tl.zeros((BLOCK_T, ER1), dtype=tl.float32)
+    gm2 = tl.zeros((BLOCK_T, ER2), dtype=tl.float32)
+    act0 = tl.zeros((ER0,), dtype=tl.int32)
+    act1 = tl.zeros((ER1,), dtype=tl.int32)
+    act2 = tl.zeros((ER2,), dtype=tl.int32)
+    for j in range(0, K):
+        ids_j = tl.load(ids_ptr + offs_t * sit + j * sik, mask=tmask, other=-1).to(tl.int32)
+        g_j = tl.load(gates_ptr + offs_t * sgt + j * sgk, mask=tmask, other=0.0).to(tl.float32)
+        ids_j = tl.where((ids_j >= 0) & (ids_j < E), ids_j, -1)
+        gm0, act0 = _gate_rows(gm0, act0, ids_j, g_j, R0, ER0)
+        if NUM_SLICES > 1:
+            gm1, act1 = _gate_rows(gm1, act1, ids_j, g_j, R1, ER1)
+        if NUM_SLICES > 2:
+            gm2, act2 = _gate_rows(gm2, act2, ids_j, g_j, R2, ER2)
+
+    # Shrink for every slice from one pass over x.
+    h0 = tl.zeros((BLOCK_T, ER0), dtype=tl.float32)
+    h1 = tl.zeros((BLOCK_T, ER1), dtype=tl.float32)
+    h2 = tl.zeros((BLOCK_T, ER2), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < D_IN
+        xk = tl.load(x_ptr + offs_t[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
+                     mask=tmask[:, None] & kmask[None, :], other=0.0)
+        h0 = _shrink_dense(h0, xk, a0_ptr, kk, kmask, act0, E, sa0e, sa0r, sa0k, R0, ER0, DOT_FP32, IEEE)
+        if NUM_SLICES > 1:
+            h1 = _shrink_dense(h1, xk, a1_ptr, kk, kmask, act1, E, sa1e, sa1r, sa1k, R1, ER1, DOT_FP32, IEEE)
+        if NUM_SLICES > 2:
+            h2 = _shrink_dense(h2, xk, a2_ptr, kk, kmask, act2, E, sa2e, sa2r, sa2k, R2, ER2, DOT_FP32, IEEE)
+
+    # Gate and scale in fp32, then feed the expand in the weights' dtype (tensor cores); the
+    # output accumulator stays fp32.
+    wdt = b0_ptr.dtype.element_ty
+    hg0 = (h0 * gm0 * scaling).to(wdt)
+    tiles = _expand_dense(hg0, act0, b0_ptr, y_ptr, offs_t, tmask, E, n0, col0, 0, pid_n,
+                          sb0e, sb0n, sb0r, syt, syn, R0, ER0, BLOCK_N, NSPLIT, ACCUMULATE, DOT_FP32, IEEE)
+    if NUM_SLICES > 1:
+        hg1 = (h1 * gm1 * scaling).to(wdt)
+        tiles += _expand_dense(hg1, act1, b1_ptr, y_ptr, offs_t, tmask, E, n1, col1, tiles, pid_n,
+                               sb1e, sb1n, sb1r, syt, syn, R1, ER1, BLOCK_N, NSPLIT, ACCUMULATE, DOT_FP32, IEEE)
+    if NUM_SLICES > 2:
+        hg2 = (h2 * gm2 * scaling).to(wdt)
+        _expand_dense(hg2, act2, b2_ptr, y_ptr, offs_t, tmask, E, n2, col2, tiles, pid_n,
+                      sb2e, sb2n, sb2r, syt, syn, R2, ER2, BLOCK_N, NSPLIT, ACCUMULATE, DOT_FP32, IEEE)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert-sorted grouped GEMM (gather x rows on load, scatter y rows on store)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _shrink_rows(x_ptr, tok, rmask, a_ptr, e, D_IN, sxt, sxk, sae, sar, sak,
+                 R, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """h[BLOCK_M, RP] = x[tok] @ A[e]^T (rows of x gathered by token id)."""
+    i = tl.arange(0, RP)
+    imask = i < R
+    h = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    a_base = a_ptr + e.to(tl.int64) * sae
+    for k0 in range(0, D_IN, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < D_IN
+        xk = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(a_base + i[None, :] * sar + kk[:, None].to(tl.int64) * sak,
+                    mask=imask[None, :] & kmask[:, None], other=0.0)
+        h = _dot(xk, a, h, DOT_FP32, IEEE)
+    return h
+
+
+@triton.jit
+def _expand_rows(hg, b_ptr, e, y_ptr, tok, rmask, N, col, tile_base, pid_n,
+                 sbe, sbn, sbr, syt, syn,
+                 R, RP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+                 ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """Scatter hg @ B[e]^T to rows ``tok`` of y over this split's column tiles."""
+    i = tl.arange(0, RP)
+    imask = i < R
+    b_base = b_ptr + e.to(tl.int64) * sbe
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    first = (pid_n - tile_base % NSPLIT + NSPLIT) % NSPLIT
+    for t in range(first, n_tiles, NSPLIT):
+        nn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = nn < N
+        b = tl.load(b_base + nn[None, :].to(tl.int64) * sbn + i[:, None] * sbr,
+                    mask=imask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(hg, b, tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32), DOT_FP32, IEEE)
+        yp = y_ptr + tok[:, None] * syt + (col + nn)[None, :].to(tl.int64) * syn
+        ymask = rmask[:, None] & nmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(yp, acc, mask=ymask)
+        else:
+            if ACCUMULATE:
+                acc += tl.load(yp, mask=ymask, other=0.0).to(tl.float32)
+            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    return n_tiles
+
+
+@triton.jit
+def _sorted_block(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr, order_ptr, gates_ptr,
+                  K, E, sgt, sgk, BLOCK_M: tl.constexpr):
+    """Rows of one block of expert-sorted (token, slot) pairs: (expert, token ids, gates, row mask)."""
+    e = tl.load(blk_expert_ptr + pid_b)
+    start = tl.load(blk_start_ptr + pid_b)
+    end = tl.load(blk_end_ptr + pid_b)
+    end = tl.where(e < E, end, start)  # idle block: no rows
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    tok = pair // K
+    g = tl.load(gates_ptr + tok * sgt + (pair % K) * sgk, mask=rmask, other=0.0).to(tl.float32)
+    e = tl.minimum(tl.maximum(e, 0), E - 1)  # blocks past the last expert are fully masked
+    return e, tok, g, rows, rmask
+
+
+@triton.jit
+def _routed_lora_sorted_kernel(
+    x_ptr, gates_ptr, y_ptr,
+    order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+    a0_ptr, b0_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
+    D_IN, E, K,
+    r0, r1, r2, n0, n1, n2, col0, col1, col2,
+    sxt, sxk, sgt, sgk, syt, syn,
+    sa0e, sa0r, sa0k, sb0e, sb0n, sb0r,
+    sa1e, sa1r, sa1k, sb1e, sb1n, sb1r,
+    sa2e, sa2r, sa2k, sb2e, sb2n, sb2r,
+    scaling,
+    NUM_SLICES: tl.constexpr, RP0: tl.constexpr, RP1: tl.constexpr, RP2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_b = pid // NSPLIT
+    pid_n = pid % NSPLIT
+    # The grid is a fixed upper bound (cdiv(T*k, BLOCK_M) + E blocks) so the launch needs no
+    # host sync; blocks beyond the real count have no rows and leave at once.
+    if tl.load(blk_expert_ptr + pid_b) >= E:
+        return
+    e, tok, g, rows, rmask = _sorted_block(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+                                           order_ptr, gates_ptr, K, E, sgt, sgk, BLOCK_M)
+    wdt = b0_ptr.dtype.element_ty
+    g = g * scaling
+    h = _shrink_rows(x_ptr, tok, rmask, a0_ptr, e, D_IN, sxt, sxk, sa0e, sa0r, sa0k, r0, RP0,
+                     BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
+    tiles = _expand_rows((h * g[:, None]).to(wdt), b0_ptr, e, y_ptr, tok, rmask, n0, col0, 0, pid_n,
+                         sb0e, sb0n, sb0r, syt, syn, r0, RP0, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
+                         DOT_FP32, IEEE)
+    if NUM_SLICES > 1:
+        h = _shrink_rows(x_ptr, tok, rmask, a1_ptr, e, D_IN, sxt, sxk, sa1e, sa1r, sa1k, r1, RP1,
+                         BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
+        tiles += _expand_rows((h * g[:, None]).to(wdt), b1_ptr, e, y_ptr, tok, rmask, n1, col1, tiles,
+                              pid_n, sb1e, sb1n, sb1r, syt, syn, r1, RP1, BLOCK_N, NSPLIT, ATOMIC,
+                              ACCUMULATE, DOT_FP32, IEEE)
+    if NUM_SLICES > 2:
+        h = _shrink_rows(x_ptr, tok, rmask, a2_ptr, e, D_IN, sxt, sxk, sa2e, sa2r, sa2k, r2, RP2,
+                         BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
+        _expand_rows((h * g[:, None]).to(wdt), b2_ptr, e, y_ptr, tok, rmask, n2, col2, tiles, pid_n,
+                     sb2e, sb2n, sb2r, syt, syn, r2, RP2, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
+                     DOT_FP32, IEEE)
+
+
+@triton.jit
+def _sorted_shrink_kernel(
+    x_ptr, gates_ptr, h_ptr,
+    order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+    a_ptr, D_IN, E, K, R,
+    sxt, sxk, sgt, sgk, sae, sar, sak, shp,
+    scaling,
+    RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Baseline (vLLM-style) launch 1: h[sorted row] = g * scaling * x[tok] @ A[e]^T, fp32."""
+    pid_b = tl.program_id(0)
+    if tl.load(blk_expert_ptr + pid_b) >= E:
+        return
+    e, tok, g, rows, rmask = _sorted_block(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+                                           order_ptr, gates_ptr, K, E, sgt, sgk, BLOCK_M)
+    h = _shrink_rows(x_ptr, tok, rmask, a_ptr, e, D_IN, sxt, sxk, sae, sar, sak, R, RP,
+                     BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
+    i = tl.arange(0, RP)
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * shp + i[None, :], h * (g * scaling)[:, None],
+             mask=rmask[:, None] & (i < R)[None, :])
+
+
+@triton.jit
+def _sorted_expand_kernel(
+    h_ptr, y_ptr, gates_ptr,
+    order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+    b_ptr, N, col, E, K, R,
+    sgt, sgk, sbe, sbn, sbr, syt, syn, shp,
+    RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Baseline (vLLM-style) launch 2: y[tok] += h[sorted row] @ B[e]^T (fp32 atomics)."""
+    pid = tl.program_id(0)
+    pid_b = pid // NSPLIT
+    pid_n = pid % NSPLIT
+    if tl.load(blk_expert_ptr + pid_b) >= E:
+        return
+    e, tok, g, rows, rmask = _sorted_block(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+                                           order_ptr, gates_ptr, K, E, sgt, sgk, BLOCK_M)
+    i = tl.arange(0, RP)
+    h = tl.load(h_ptr + rows[:, None].to(tl.int64) * shp + i[None, :],
+                mask=rmask[:, None] & (i < R)[None, :], other=0.0)
+    _expand_rows(h.to(b_ptr.dtype.element_ty), b_ptr, e, y_ptr, tok, rmask, N, col, 0, pid_n,
+                 sbe, sbn, sbr, syt, syn, R, RP, BLOCK_N, NSPLIT, True, False, DOT_FP32, IEEE)

@@ -1,0 +1,314 @@
+"""routed_lora / routed_lora_add_: correctness (reference vs float64 oracle, Triton vs oracle over
+hypothesis-drawn shapes, both strategies), gradients, opcheck, compile, bad input, OOB safety.
+
+Tolerances (see tests/common.py TOL, against a float64 oracle, scaled by the output magnitude):
+fp32 1e-4, fp16 2e-2, bf16 6e-2 absolute on O(1) outputs. The kernels accumulate in fp32; the
+gap for half types is the rounding of the gated shrink result to the weights' dtype before the
+expand (as every LoRA kernel does) plus the final rounding of y.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import loramix_kernels  # noqa: F401
+from loramix_kernels import _backend
+from loramix_kernels.ops import routed_lora as rl
+from loramix_kernels.reference.routed_lora import (
+    dense_pack, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
+from tests.common import TOL, TRITON_DEVICE, backends, reference_path, requires_cuda, requires_triton, triton_path
+
+STRATEGIES = ["token_major", "expert_sorted"]
+
+
+def oracle(x, lora_a, lora_b, ids, gates, scaling):
+    """Independent float64 formulation (per-slot gathers and einsum), differentiable."""
+    E = lora_a[0].shape[0]
+    valid = (ids >= 0) & (ids < E)
+    idc = ids.long().clamp(0, E - 1)
+    w = gates.double() * valid
+    x64 = x.double()
+    outs = []
+    for a, b in zip(lora_a, lora_b):
+        h = torch.einsum("tkrd,td->tkr", a.double()[idc], x64)
+        yk = torch.einsum("tkor,tkr->tko", b.double()[idc], h)
+        outs.append(scaling * (yk * w[..., None]).sum(1))
+    return torch.cat(outs, 1) if outs else x64.new_zeros(x.shape[0], 0)
+
+
+def make_case(T, d_in, ranks, d_outs, E, k, dtype=torch.float32, device="cpu", empty_frac=0.2,
+              seed=0, noncontig=False, dense=False, idx_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(T, d_in * (2 if noncontig else 1), generator=g)
+    x = xs[:, ::2] if noncontig else xs
+    lora_a = [torch.randn(E, r, d_in, generator=g) / d_in ** 0.5 for r in ranks]
+    lora_b = [torch.randn(E, o, r, generator=g) / r ** 0.5 for r, o in zip(ranks, d_outs)]
+    if dense:
+        ids = torch.arange(E).repeat(T, 1)[:, :k]
+    else:
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k)
+        ids = torch.where(torch.rand(T, k, generator=g) < empty_frac, -1, ids.long())
+    gates = torch.rand(T, k, generator=g)
+    cvt = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return (cvt(x), [cvt(a) for a in lora_a], [cvt(b) for b in lora_b],
+            ids.to(device=device, dtype=idx_dtype), gates.to(device))
+
+
+def assert_close_scaled(y, ref, dtype):
+    atol, rtol = TOL[dtype]
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(y.double(), ref, atol=atol * scale, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------
+# correctness
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T, d_in, ranks, d_outs, E, k", [
+    (0, 32, [8], [16], 4, 2),
+    (1, 32, [8], [16], 4, 2),
+    (5, 123, [7, 16, 3], [123, 40, 17], 6, 3),
+    (33, 64, [16], [64], 8, 8),
+    (17, 20, [1], [5], 64, 64),
+])
+def test_reference_matches_oracle(dtype, T, d_in, ranks, d_outs, E, k):
+    args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype)
+    y = routed_lora_ref(*args, 0.5)
+    assert y.dtype == dtype and y.shape == (T, sum(d_outs))
+    assert_close_scaled(y, oracle(*args, 0.5), dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T, d_in, ranks, d_outs, E, k, dense", [
+    (1, 64, [16], [64], 8, 2, False),            # decode, one token
+    (37, 70, [4, 16, 3], [50, 20, 33], 6, 3, False),  # packed q/k/v, unequal widths and ranks
+    (20, 24, [8], [40], 6, 6, True),             # dense soft routing k = E
+    (19, 40, [5, 6, 7, 9], [8, 9, 10, 11], 5, 2, False),  # 4 slices: two launches of <= 3
+])
+def test_triton_matches_oracle(strategy, dtype, T, d_in, ranks, d_outs, E, k, dense):
+    args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=TRITON_DEVICE, dense=dense)
+    y = rl.routed_lora_forward(*args, 0.75, strategy=strategy)
+    assert y.dtype == dtype and y.shape == (T, sum(d_outs))
+    assert_close_scaled(y.cpu(), oracle(*[a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a]
+                                          for a in args], 0.75), dtype)
+
+
+@requires_triton
+@given(
+    T=st.sampled_from([0, 1, 2, 7, 16, 17, 40]),
+    d_in=st.integers(1, 80),
+    slices=st.lists(st.tuples(st.sampled_from([1, 2, 3, 8, 16, 31, 64]), st.integers(1, 70)),
+                    min_size=1, max_size=3),
+    E=st.sampled_from([1, 2, 6, 8, 13, 64]),
+    k_frac=st.floats(0, 1),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    strategy=st.sampled_from(STRATEGIES + [None]),
+    noncontig=st.booleans(),
+    idx_dtype=st.sampled_from([torch.int32, torch.int64]),
+    seed=st.integers(0, 2 ** 16),
+)
+def test_triton_hypothesis(T, d_in, slices, E, k_frac, dtype, strategy, noncontig, idx_dtype, seed):
+    ranks = [r for r, _ in slices]
+    d_outs = [o for _, o in slices]
+    k = max(1, round(k_frac * min(E, 8)))
+    if strategy == "token_major" and max(E * r for r in ranks) > 256:
+        strategy = "expert_sorted"  # keep interpreter register tiles small
+    args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=TRITON_DEVICE, seed=seed,
+                     noncontig=noncontig, idx_dtype=idx_dtype)
+    y = rl.routed_lora_forward(*args, 1.5, strategy=strategy)
+    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    assert_close_scaled(y.cpu(), oracle(*cpu, 1.5), dtype)
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_add_inplace(name, device, ctx, out_dtype):
+    args = make_case(9, 48, [8, 4], [32, 16], 6, 2, dtype=torch.bfloat16, device=device)
+    base = torch.randn(9, 48, device=device).to(out_dtype)
+    out = base.clone()
+    with ctx():
+        ret = torch.ops.loramix.routed_lora_add_(out, *args, 2.0)
+    assert ret is None
+    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    expect = base.cpu().double() + oracle(*cpu, 2.0)
+    assert_close_scaled(out.cpu(), expect, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_op_dispatch_both_backends(name, device, ctx):
+    args = make_case(12, 40, [8, 8, 4], [40, 16, 16], 8, 3, device=device)
+    with ctx():
+        y = torch.ops.loramix.routed_lora(*args, 0.25)
+    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    assert_close_scaled(y.cpu(), oracle(*cpu, 0.25), torch.float32)
+
+
+def test_choose_strategy():
+    assert rl.choose_strategy(8, [16]) == "token_major"
+    assert rl.choose_strategy(8, [16, 16, 16]) == "token_major"      # 3 x 128 rows
+    assert rl.choose_strategy(6, [16, 16, 16]) == "token_major"
+    assert rl.choose_strategy(64, [16]) == "expert_sorted"            # 1024 rows
+    assert rl.choose_strategy(8, [64]) == "expert_sorted"
+    assert rl.choose_strategy(64, [1]) == "token_major"
+
+
+def test_dense_baseline_matches_oracle():
+    args = make_case(10, 32, [8, 4], [16, 8], 6, 2)
+    x, A, B, ids, g = args
+    y = routed_lora_dense(x, dense_pack(A, B), ids, g, 0.5)
+    assert_close_scaled(y, oracle(*args, 0.5), torch.float32)
+
+
+@requires_triton
+def test_two_launch_baseline_matches_oracle():
+    args = make_case(21, 40, [8, 4], [24, 8], 6, 3, device=TRITON_DEVICE)
+    y = rl.routed_lora_two_launch(*args, 0.5)
+    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    assert_close_scaled(y.cpu(), oracle(*cpu, 0.5), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_of_range_ids_never_read_out_of_bounds(monkeypatch, strategy):
+    """With validation switched off (as on CUDA / in graph capture), ids outside [0, E) are empty slots."""
+    x, A, B, ids, g = make_case(11, 32, [8], [24], 4, 3, device=TRITON_DEVICE, empty_frac=0.0)
+    bad = ids.clone()
+    bad[0, 0], bad[3, 1], bad[5, 2], bad[7, 0] = 4, 1 << 20, -7, -(1 << 30)
+    monkeypatch.setattr(_backend, "check_values", lambda t: False)
+    y = rl.routed_lora_forward(x, A, B, bad, g, 1.0, strategy=strategy)
+    masked = torch.where((bad >= 0) & (bad < 4), bad, -1)
+    cpu = [t.cpu() for t in (x,)] + [[t.cpu() for t in A], [t.cpu() for t in B], masked.cpu(), g.cpu()]
+    assert_close_scaled(y.cpu(), oracle(*cpu, 1.0), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# gradients
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_gradients_match_oracle(name, device, ctx):
+    args = make_case(13, 24, [4, 8], [16, 8], 5, 3, device=device)
+    x, A, B, ids, g = args
+    leaves = [x, *A, *B, g]
+    for t in leaves:
+        t.requires_grad_(True)
+    dy = torch.randn(13, 24, device=device)
+    with ctx():
+        y = torch.ops.loramix.routed_lora(x, A, B, ids, g, 0.5)
+    grads = torch.autograd.grad(y, leaves, dy)
+    cpu = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
+    xo, Ao, Bo, go = cpu[0], cpu[1:3], cpu[3:5], cpu[5]
+    yo = oracle(xo, Ao, Bo, ids.cpu(), go, 0.5)
+    expect = torch.autograd.grad(yo, [xo, *Ao, *Bo, go], dy.cpu().double())
+    for got, exp in zip(grads, expect):
+        torch.testing.assert_close(got.cpu().double(), exp, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_ref_direct_bf16():
+    x, A, B, ids, g = make_case(7, 16, [4], [8], 3, 2, dtype=torch.bfloat16)
+    gx, ga, gb, gg = routed_lora_backward_ref(torch.randn(7, 8).bfloat16(), x, A, B, ids, g, 1.0)
+    assert gx.dtype == torch.bfloat16 and ga[0].dtype == torch.bfloat16 and gg.dtype == g.dtype
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_opcheck(name, device, ctx):
+    args = make_case(6, 32, [8, 4], [16, 8], 4, 2, device=device)
+    x, A, B, ids, g = args
+    with ctx():
+        torch.library.opcheck(torch.ops.loramix.routed_lora.default, (x, A, B, ids, g, 0.5))
+        xr = x.clone().requires_grad_(True)
+        Ar = [a.clone().requires_grad_(True) for a in A]
+        torch.library.opcheck(torch.ops.loramix.routed_lora.default, (xr, Ar, B, ids, g.requires_grad_(True), 0.5))
+        out = torch.zeros(6, 24, device=device)
+        torch.library.opcheck(torch.ops.loramix.routed_lora_add_.default, (out, x, A, B, ids, g, 0.5))
+
+
+def test_compile_fullgraph():
+    args = make_case(6, 32, [8], [16], 4, 2)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, A, B, ids, g):
+        return torch.ops.loramix.routed_lora(x, A, B, ids, g, 0.5) * 2
+
+    with reference_path():
+        y = f(*args)
+    assert_close_scaled(y, 2 * oracle(*args, 0.5), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    x, A, B, ids, g = make_case(4, 16, [4], [8], 3, 2)
+    A3, B3 = [A[0], A[0][:, :2]], [B[0], B[0][:, :, :2]]
+    yield "x", (x[0], A, B, ids, g, 1.0), ValueError
+    yield "x", (x.long(), A, B, ids, g, 1.0), TypeError
+    yield "lora_a", (x, [], [], ids, g, 1.0), ValueError
+    yield "lora_b", (x, A, B + B, ids, g, 1.0), ValueError
+    yield r"lora_a\[0\]", (x, [A[0][:, :, :5]], B, ids, g, 1.0), ValueError
+    yield r"lora_a\[0\]", (x, [A[0].half()], B, ids, g, 1.0), TypeError
+    yield r"lora_b\[0\]", (x, A, [B[0][:2]], ids, g, 1.0), ValueError       # experts differ
+    yield r"lora_b\[0\]", (x, A, [B[0][:, :, :3]], ids, g, 1.0), ValueError  # ranks differ
+    yield r"lora_a\[1\]", (x, [A[0], A[0][:2]], B3, ids, g, 1.0), ValueError
+    yield r"lora_b\[1\]", (x, A3, [B[0], B[0][:, :, :3]], ids, g, 1.0), ValueError
+    yield "expert_ids", (x, A, B, ids.float(), g, 1.0), TypeError
+    yield "expert_ids", (x, A, B, ids[:3], g, 1.0), ValueError
+    yield "expert_ids", (x, A, B, torch.full_like(ids, 3), g, 1.0), ValueError   # id == E
+    yield "expert_ids", (x, A, B, torch.full_like(ids, -2), g, 1.0), ValueError  # id < -1
+    yield "gates", (x, A, B, ids, g[:, :1], 1.0), ValueError
+    yield "gates", (x, A, B, ids, g.long(), 1.0), TypeError
+    yield "scaling", (x, A, B, ids, g, float("nan")), ValueError
+    yield "scaling", (x, A, B, ids, g, float("inf")), ValueError
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0] if isinstance(c, tuple) else None)
+def test_bad_input(name, device, ctx, case):
+    arg, args, exc = case
+    with ctx(), pytest.raises(exc, match=f"routed_lora: {arg}"):
+        torch.ops.loramix.routed_lora(*args)
+
+
+def test_bad_out_for_add():
+    x, A, B, ids, g = make_case(4, 16, [4], [8], 3, 2)
+    with pytest.raises(ValueError, match="routed_lora_add_: out"):
+        torch.ops.loramix.routed_lora_add_(torch.zeros(4, 9), x, A, B, ids, g, 1.0)
+
+
+@requires_cuda
+def test_device_mix_rejected():
+    x, A, B, ids, g = make_case(4, 16, [4], [8], 3, 2, device="cuda")
+    with pytest.raises(ValueError, match="expert_ids"):
+        torch.ops.loramix.routed_lora(x, A, B, ids.cpu(), g, 1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_graph_capture(strategy):
+    args = make_case(16, 256, [16, 8], [256, 64], 8, 2, device="cuda", dtype=torch.bfloat16)
+    rl.routed_lora_forward(*args, 1.0, strategy=strategy)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = rl.routed_lora_forward(*args, 1.0, strategy=strategy)
+    graph.replay()
+    torch.cuda.synchronize()
+    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    assert_close_scaled(y.cpu(), oracle(*cpu, 1.0), torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T, E, r, k", [(16, 8, 16, 2), (300, 64, 64, 3), (64, 6, 16, 6)])
+def test_cuda_bench_shapes(T, E, r, k):
+    args = make_case(T, 512, [r, r, r], [512, 128, 128], E, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.ops.loramix.routed_lora(*args, 1.0)
+    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    assert_close_scaled(y.cpu(), oracle(*cpu, 1.0), torch.bfloat16)
