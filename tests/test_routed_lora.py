@@ -19,7 +19,7 @@ from loramix_kernels.reference.routed_lora import (
     dense_pack, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
 from tests.common import TOL, TRITON_DEVICE, backends, reference_path, requires_cuda, requires_triton, triton_path
 
-STRATEGIES = ["token_major", "expert_sorted"]
+STRATEGIES = ["token_major", "expert_sorted", "dense_gemm"]
 
 
 def oracle(x, lora_a, lora_b, ids, gates, scaling):
@@ -115,7 +115,7 @@ def test_triton_matches_oracle(strategy, dtype, T, d_in, ranks, d_outs, E, k, de
 def test_triton_hypothesis(T, d_in, slices, E, k_frac, dtype, strategy, noncontig, idx_dtype, seed):
     ranks = [r for r, _ in slices]
     d_outs = [o for _, o in slices]
-    k = max(1, round(k_frac * min(E, 8)))
+    k = max(1, round(k_frac * E))
     if strategy == "token_major" and max(E * r for r in ranks) > 256:
         strategy = "expert_sorted"  # keep interpreter register tiles small
     args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=TRITON_DEVICE, seed=seed,
@@ -152,9 +152,11 @@ def test_choose_strategy():
     assert rl.choose_strategy(8, [16]) == "token_major"
     assert rl.choose_strategy(8, [16, 16, 16]) == "token_major"      # 3 x 128 rows
     assert rl.choose_strategy(6, [16, 16, 16]) == "token_major"
-    assert rl.choose_strategy(64, [16]) == "expert_sorted"            # 1024 rows
-    assert rl.choose_strategy(8, [64]) == "expert_sorted"
-    assert rl.choose_strategy(64, [1]) == "token_major"
+    assert rl.choose_strategy(64, [16], k=3) == "expert_sorted"       # 1024 rows, sparse
+    assert rl.choose_strategy(8, [64], k=2) == "expert_sorted"
+    assert rl.choose_strategy(64, [16], k=64) == "dense_gemm"         # soft routing, large E*r
+    assert rl.choose_strategy(64, [64], k=32) == "dense_gemm"
+    assert rl.choose_strategy(64, [1], k=64) == "token_major"
 
 
 def test_dense_baseline_matches_oracle():

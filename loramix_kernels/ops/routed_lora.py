@@ -10,9 +10,13 @@ Strategy heuristic (documented choice, see ``choose_strategy``)
   and every routed contribution is summed before one write of y — the HBM traffic floor
   (x + active weights + y). The price is computing all E experts (masked by the gates): at
   ``E*r <= 512`` the dense shrink stays below the H100 ridge point (~295 FLOP/B), i.e. free.
-* ``expert_sorted`` otherwise (large E*r, e.g. 64 experts of rank 64): the T*k (token, slot)
-  pairs are sorted by expert (on the device, no host sync) and a grouped GEMM computes only routed
-  work, gathering x rows on load and scattering y rows on store (fp32 atomics when k > 1).
+* ``dense_gemm`` when E*r is too large for registers and routing is dense or nearly so
+  (``2 k >= E``, e.g. soft routing over 64 experts): every expert is computed anyway, so the work is
+  two plain GEMMs ``((x A_cat^T) * gates) B_cat^T`` on cuBLAS, which no scatter kernel beats (the
+  expert-sorted kernel would issue T*k*d_out atomics).
+* ``expert_sorted`` otherwise (large E*r, sparse top-k, e.g. 64 experts of rank 64, k = 3): the T*k
+  (token, slot) pairs are sorted by expert (on the device, no host sync) and a grouped GEMM computes
+  only routed work, gathering x rows on load and scattering y rows on store (fp32 atomics if k > 1).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import triton
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_shape, check_tensor
-from ..reference.routed_lora import routed_lora_backward_ref, routed_lora_ref
+from ..reference.routed_lora import gate_matrix, routed_lora_backward_ref, routed_lora_ref
 
 _OP = "routed_lora"
 MAX_SLICES_PER_LAUNCH = 3
@@ -99,10 +103,13 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def choose_strategy(E: int, ranks) -> str:
-    """``token_major`` if the padded ``E * r`` rows of every slice fit the register budget."""
+def choose_strategy(E: int, ranks, k: int = 1) -> str:
+    """``token_major`` if the padded ``E * r`` rows of every slice fit the register budget, else
+    ``dense_gemm`` for dense-ish routing (``2 k >= E``), else ``expert_sorted``."""
     er = [_pow2(E * r) for r in ranks]
-    return "token_major" if max(er) <= 256 and sum(er) <= 512 else "expert_sorted"
+    if max(er) <= 256 and sum(er) <= 512:
+        return "token_major"
+    return "dense_gemm" if 2 * k >= E else "expert_sorted"
 
 
 def _groups(n):
@@ -248,6 +255,22 @@ def _expert_sorted(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
             y.copy_(dst)
 
 
+def _dense_gemm(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
+    """Dense routing with large E*r: two cuBLAS GEMMs per slice around an fp32 gate scaling."""
+    T = x.shape[0]
+    E = lora_a[0].shape[0]
+    gm = gate_matrix(ids, gates, E) * scaling  # [T, E] fp32, empty / out-of-range slots dropped
+    for a, b, col in zip(lora_a, lora_b, _col_offsets(lora_b)):
+        r, n = a.shape[1], b.shape[1]
+        h = x @ a.reshape(E * r, -1).t()
+        hg = (h.view(T, E, r).float() * gm.unsqueeze(-1)).to(x.dtype).view(T, E * r)
+        ys = hg @ b.permute(1, 0, 2).reshape(n, E * r).t()
+        if accumulate:
+            y[:, col:col + n] += ys
+        else:
+            y[:, col:col + n] = ys
+
+
 def routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=None, strategy=None):
     """Launcher: validate, allocate, pick a strategy (``choose_strategy`` unless given), launch.
 
@@ -265,14 +288,14 @@ def routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=None,
         return y
     if k == 0:
         return y if accumulate else y.zero_()
-    strategy = strategy or choose_strategy(E, [a.shape[1] for a in lora_a])
-    if strategy == "token_major":
-        _token_major(x, lora_a, lora_b, expert_ids, gates, scaling, y, accumulate)
-    elif strategy == "expert_sorted":
-        _expert_sorted(x, lora_a, lora_b, expert_ids, gates, scaling, y, accumulate)
-    else:
-        raise ValueError(f"routed_lora: strategy must be 'token_major' or 'expert_sorted', got {strategy!r}")
+    strategy = strategy or choose_strategy(E, [a.shape[1] for a in lora_a], k)
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"routed_lora: strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    _STRATEGIES[strategy](x, lora_a, lora_b, expert_ids, gates, scaling, y, accumulate)
     return y
+
+
+_STRATEGIES = {"token_major": _token_major, "expert_sorted": _expert_sorted, "dense_gemm": _dense_gemm}
 
 
 def routed_lora_two_launch(x, lora_a, lora_b, expert_ids, gates, scaling):
