@@ -181,6 +181,7 @@ def test_out_of_range_ids_never_read_out_of_bounds(monkeypatch, strategy):
     x, A, B, ids, g = make_case(11, 32, [8], [24], 4, 3, device=TRITON_DEVICE, empty_frac=0.0)
     bad = ids.clone()
     bad[0, 0], bad[3, 1], bad[5, 2], bad[7, 0] = 4, 1 << 20, -7, -(1 << 30)
+    bad[8, 1] = (1 << 32) + 2  # must not wrap to expert 2 in a 32-bit compare
     monkeypatch.setattr(_backend, "check_values", lambda t: False)
     y = rl.routed_lora_forward(x, A, B, bad, g, 1.0, strategy=strategy)
     masked = torch.where((bad >= 0) & (bad < 4), bad, -1)

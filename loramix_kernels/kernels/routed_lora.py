@@ -126,9 +126,10 @@ def _routed_lora_token_major_kernel(
     act1 = tl.zeros((ER1,), dtype=tl.int32)
     act2 = tl.zeros((ER2,), dtype=tl.int32)
     for j in range(0, K):
-        ids_j = tl.load(ids_ptr + offs_t * sit + j * sik, mask=tmask, other=-1).to(tl.int32)
+        ids_j = tl.load(ids_ptr + offs_t * sit + j * sik, mask=tmask, other=-1)
         g_j = tl.load(gates_ptr + offs_t * sgt + j * sgk, mask=tmask, other=0.0).to(tl.float32)
-        ids_j = tl.where((ids_j >= 0) & (ids_j < E), ids_j, -1)
+        # Range test in the ids' own width (an int64 id of 2**32 + 3 must not wrap to expert 3).
+        ids_j = tl.where((ids_j >= 0) & (ids_j < E), ids_j, -1).to(tl.int32)
         gm0, act0 = _gate_rows(gm0, act0, ids_j, g_j, R0, ER0)
         if NUM_SLICES > 1:
             gm1, act1 = _gate_rows(gm1, act1, ids_j, g_j, R1, ER1)

@@ -148,8 +148,11 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
         # Register budget: BLOCK_T * sum(ER) fp32 shrink results <= 16k (64 regs/thread at 8 warps).
         cap = max(16, 1 << ((16384 // er_total).bit_length() - 1))
         block_t = min(64, cap, _pow2(T))
+        # Shared memory: per pipeline stage an x tile plus BLOCK_K x sum(ER) of A, then an
+        # ER x BLOCK_N tile of B; keep it well under Hopper's 227 KB for the largest ER.
         block_n = 32 if interp else (64 if max(er) > 128 else 128)
-        block_k = 32 if interp else 64
+        block_k = 32 if (interp or er_total > 256) else 64
+        stages = 2 if er_total > 256 else 3
         n_tiles = sum(triton.cdiv(w, block_n) for w in widths[: len(idx)])
         n_t = triton.cdiv(T, block_t)
         sms = _backend.sm_count(x)
@@ -170,7 +173,7 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
             ER0=er[0], ER1=er[1], ER2=er[2],
             BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_N=block_n, NSPLIT=nsplit,
             ACCUMULATE=accumulate, DOT_FP32=_backend.dot_fp32(x.dtype), IEEE=x.dtype == torch.float32,
-            num_warps=8 if block_t * er_total > 4096 else 4,
+            num_warps=8 if block_t * er_total > 4096 else 4, num_stages=stages,
         )
 
 
