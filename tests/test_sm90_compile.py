@@ -1,0 +1,31 @@
+"""Every Triton kernel compiles for Hopper (sm_90) at the launchers' real GPU tile choices, within
+the H100's shared-memory limit. Runs on CPU: see tests/sm90_compile.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.sm90_compile import SM90_SMEM
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED = {
+    "routed_lora": {"_routed_lora_token_major_kernel", "_routed_lora_sorted_kernel",
+                    "_sorted_shrink_kernel", "_sorted_expand_kernel"},
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(EXPECTED))
+def test_kernels_compile_for_sm90(scenario):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORAMIX_BACKEND")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "tests.sm90_compile", scenario], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {r["kernel"] for r in rows} >= EXPECTED[scenario]
+    for r in rows:
+        assert r["shared"] <= SM90_SMEM, r
