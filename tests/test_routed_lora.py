@@ -16,7 +16,7 @@ import loramix_kernels  # noqa: F401
 from loramix_kernels import _backend
 from loramix_kernels.ops import routed_lora as rl
 from loramix_kernels.reference.routed_lora import (
-    dense_pack, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
+    dense_pack, routed_lora_backward_dense, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
 from tests.common import TOL, TRITON_DEVICE, backends, reference_path, requires_cuda, requires_triton, triton_path
 
 STRATEGIES = ["token_major", "expert_sorted", "dense_gemm"]
@@ -211,6 +211,22 @@ def test_gradients_match_oracle(name, device, ctx):
     expect = torch.autograd.grad(yo, [xo, *Ao, *Bo, go], dy.cpu().double())
     for got, exp in zip(grads, expect):
         torch.testing.assert_close(got.cpu().double(), exp, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fn", [routed_lora_backward_ref, routed_lora_backward_dense])
+@pytest.mark.parametrize("E, k, dup", [(5, 3, False), (4, 4, False), (6, 3, True)])
+def test_backward_formulations_match_oracle(fn, E, k, dup):
+    x, A, B, ids, g = make_case(11, 20, [4, 8, 2], [16, 8, 5], E, k)
+    if dup:  # the same expert in two slots of a token: gates add up, each slot gets its own grad
+        ids[:, 1] = ids[:, 0]
+    dy = torch.randn(11, 29)
+    got = fn(dy, x, A, B, ids, g, 0.7)
+    leaves = [t.double().requires_grad_(True) for t in (x, *A, *B, g)]
+    yo = oracle(leaves[0], leaves[1:4], leaves[4:7], ids, leaves[7], 0.7)
+    expect = torch.autograd.grad(yo, leaves, dy.double())
+    flat = [got[0], *got[1], *got[2], got[3]]
+    for a, b in zip(flat, expect):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
 
 
 def test_backward_ref_direct_bf16():

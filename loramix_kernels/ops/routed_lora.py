@@ -28,7 +28,8 @@ import triton
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_shape, check_tensor
-from ..reference.routed_lora import gate_matrix, routed_lora_backward_ref, routed_lora_ref
+from ..reference.routed_lora import (
+    gate_matrix, routed_lora_backward_dense, routed_lora_backward_ref, routed_lora_ref)
 
 _OP = "routed_lora"
 MAX_SLICES_PER_LAUNCH = 3
@@ -377,9 +378,15 @@ def _routed_lora_add_fake(out, x, lora_a, lora_b, expert_ids, gates, scaling):
 
 
 def _routed_lora_backward_impl(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling):
-    # The backward runs the per-expert PyTorch formulation on both devices (one host sync per
-    # call on CUDA for the expert list); fused Triton backward kernels are not written yet.
-    return routed_lora_backward_ref(grad_y.contiguous(), x, lora_a, lora_b, expert_ids, gates, scaling)
+    # PyTorch formulations on both devices (fused Triton backward kernels are not written yet).
+    # Where the forward would run dense (small E*r, or dense routing) the backward is the dense
+    # masked form: a handful of GEMMs, no host sync. Otherwise the per-expert loop computes only
+    # routed work, at one host sync for the list of experts in use.
+    validate(x, lora_a, lora_b, expert_ids, gates, scaling, op="routed_lora_backward")
+    check_shape("routed_lora_backward", "grad_y", grad_y, (x.shape[0], sum(b.shape[1] for b in lora_b)))
+    dense = choose_strategy(lora_a[0].shape[0], [a.shape[1] for a in lora_a], expert_ids.shape[1]) != "expert_sorted"
+    fn = routed_lora_backward_dense if dense else routed_lora_backward_ref
+    return fn(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
 
 
 torch.library.register_kernel("loramix::routed_lora_backward", "cpu", _routed_lora_backward_impl)

@@ -118,3 +118,38 @@ def routed_lora_backward_ref(grad_y, x, lora_a, lora_b, expert_ids, gates, scali
             gx.index_add_(0, rows, dxe)
     return (gx.to(x.dtype), [g.to(a.dtype) for g, a in zip(ga, lora_a)],
             [g.to(b.dtype) for g, b in zip(gb, lora_b)], gg.to(gates.dtype))
+
+
+def routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling):
+    """Gradients of routed_lora in the dense masked form: plain GEMMs, no host sync.
+
+    With G[t, e] = scaling * sum_j g[t,j] [ids[t,j] == e], H = x A_cat^T and U = dy B_cat:
+    dx = (U * G) A_cat, dA_cat = (U * G)^T x, dB_cat = dy^T (H * G),
+    d_gates[t, j] = scaling * sum_s <U_s[t, e], H_s[t, e]> at e = ids[t, j].
+    Every expert is computed, so it pays off when E*r is small or routing is dense.
+    """
+    T, E = x.shape[0], lora_a[0].shape[0]
+    acc = torch.float32
+    gm = gate_matrix(expert_ids, gates, E) * scaling  # [T, E]
+    xf, dyf = x.to(acc), grad_y.to(acc)
+    gx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dgm = torch.zeros(T, E, dtype=acc, device=x.device)
+    ga, gb = [], []
+    col = 0
+    for a, b in zip(lora_a, lora_b):
+        r, n = a.shape[1], b.shape[1]
+        a_cat = a.reshape(E * r, -1).to(acc)
+        b_cat = b.permute(1, 0, 2).reshape(n, E * r).to(acc)
+        dy = dyf[:, col:col + n]
+        col += n
+        h = (xf @ a_cat.t()).view(T, E, r)
+        u = (dy @ b_cat).view(T, E, r)
+        dgm += (u * h).sum(-1)
+        du = (u * gm.unsqueeze(-1)).view(T, E * r)
+        gx += du @ a_cat
+        ga.append((du.t() @ xf).view(E, r, -1).to(a.dtype))
+        gb.append((dy.t() @ (h * gm.unsqueeze(-1)).view(T, E * r)).view(n, E, r).permute(1, 0, 2).to(b.dtype))
+    ids = expert_ids.long()
+    valid = (ids >= 0) & (ids < E)
+    gg = torch.where(valid, dgm.gather(1, ids.clamp(0, E - 1)), 0.0) * scaling
+    return gx.to(x.dtype), ga, gb, gg.to(gates.dtype)
