@@ -15,8 +15,9 @@ import json
 import os
 import sys
 
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ["LORAMIX_BACKEND"] = "auto"
+if __name__ == "__main__":  # only in the subprocess: importing this module must not change a test run
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["LORAMIX_BACKEND"] = "auto"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -86,8 +87,31 @@ def scenarios():
                 rl.routed_lora_two_launch(x, A, B, ids, g, 1.0)
         return go
 
+    from loramix_kernels.ops import tree as tr
+
+    def tree_attn(D, N, Hq, Hkv, num_splits, B=2, block=16, blocks=64):
+        def go():
+            dt = torch.bfloat16
+            q = torch.zeros(B, N, Hq, D, dtype=dt)
+            kc = torch.zeros(B * blocks, block, Hkv, D, dtype=dt)
+            bt = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
+            lens = torch.full((B,), blocks * block, dtype=torch.int32)
+            mask, _, _, _ = tr.build_tree_forward(torch.arange(-1, N - 1).repeat(B, 1))
+            tr.tree_attention_forward(q, kc, kc, bt, lens, mask, 0.1, num_splits=num_splits)
+        return go
+
+    def build(N):
+        return lambda: tr.build_tree_forward(torch.arange(-1, N - 1).repeat(2, 1))
+
+    tree = [build(n) for n in (16, 256, 1000)]
+    for D in (64, 128, 256):
+        for N, Hq, Hkv in ((16, 32, 8), (64, 32, 8), (7, 8, 8), (64, 8, 1), (1, 8, 1)):
+            for ns in (1, 4):
+                tree.append(tree_attn(D, N, Hq, Hkv, ns))
+
     qkv = [4096, 1024, 1024]
     return {
+        "tree": tree,
         "routed_lora": [
             routed(16, 8, 16, 2, qkv), routed(16, 6, 16, 3, qkv), routed(8192, 8, 16, 2, qkv),
             routed(64, 8, 16, 8, [4096], add=True), routed(2048, 64, 16, 3, qkv, "expert_sorted"),

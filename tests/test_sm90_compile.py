@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {
     "routed_lora": {"_routed_lora_token_major_kernel", "_routed_lora_sorted_kernel",
                     "_sorted_shrink_kernel", "_sorted_expand_kernel"},
+    "tree": {"_build_tree_kernel", "_tree_attn_fwd_kernel", "_tree_attn_merge_kernel"},
 }
 
 

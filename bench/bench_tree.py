@@ -1,0 +1,115 @@
+"""Benchmarks for tree_attention (draft-tree verification over a paged KV cache).
+
+Ours against (a) ``scaled_dot_product_attention`` with a dense boolean tree mask and (b) compiled
+FlexAttention with a block mask built from the tree (CUDA only), both over the KV gathered out of
+the paged cache beforehand. The gather and the GQA head expansion for SDPA (so that it may take its
+memory-efficient masked kernel) happen outside the timed call: the baselines get their best case,
+while ours reads the paged cache directly.
+
+Roofline bytes = every request's cached K and V read once per KV head (prefix + the N tree nodes)
++ q + out, in bf16. Run through ``python -m loramix_kernels.bench tree [--full] [--json PATH]``,
+or as pytest-benchmark tests: ``pytest bench/bench_tree.py``.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import loramix_kernels  # noqa: F401
+from loramix_kernels.reference.tree import (build_tree, dense_tree_mask, flex_tree_block_mask,
+                                            gather_kv, tree_attention_flex, tree_attention_sdpa)
+
+DTYPE = torch.bfloat16
+
+
+def cases(quick: bool):
+    if quick:
+        return [dict(B=2, prefix=64, N=8, Hq=4, Hkv=2, D=32, block=16),
+                dict(B=1, prefix=100, N=16, Hq=8, Hkv=2, D=64, block=16)]
+    return [dict(B=B, prefix=P, N=N, Hq=32, Hkv=8, D=128, block=16)
+            for B, P, N in itertools.product([1, 8, 32], [1024, 8192, 32768], [16, 64])]
+
+
+def _tree_parents(B: int, N: int, g: torch.Generator) -> torch.Tensor:
+    """EAGLE-like trees: node i hangs off a random node among the previous quarter of the tree,
+    which gives bushy trees of depth ~log(N) with a few long paths."""
+    i = torch.arange(N)
+    lo = (i * 3) // 4
+    span = (i - lo).clamp(min=1)
+    parents = lo + (torch.rand(B, N, generator=g) * span).long()
+    parents[:, 0] = -1
+    return parents
+
+
+def make_inputs(case, device):
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, P, N, Hq, Hkv, D, bs = (case[k] for k in ("B", "prefix", "N", "Hq", "Hkv", "D", "block"))
+    seq_len = P + N
+    nblk = math.ceil(seq_len / bs)
+    num_blocks = B * nblk
+    # Shuffled physical blocks: the kernel must follow the block table, not contiguity.
+    table = torch.randperm(num_blocks, generator=g).view(B, nblk).to(device, torch.int32)
+    seq_lens = torch.full((B,), seq_len, dtype=torch.int32, device=device)
+    gd = torch.Generator(device=device).manual_seed(1)
+    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=gd, device=device, dtype=DTYPE)
+    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=gd, device=device, dtype=DTYPE)
+    q = torch.randn(B, N, Hq, D, generator=gd, device=device, dtype=DTYPE)
+    tree_mask = build_tree(_tree_parents(B, N, g))[0].to(device)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table, seq_lens=seq_lens,
+                tree_mask=tree_mask, sm_scale=1.0 / math.sqrt(D), max_len=seq_len)
+
+
+def candidates(case, inp):
+    q, kc, vc, bt, sl, tm, scale = (inp[k] for k in ("q", "k_cache", "v_cache", "block_table",
+                                                     "seq_lens", "tree_mask", "sm_scale"))
+    out = {"loramix": lambda: torch.ops.loramix.tree_attention(q, kc, vc, bt, sl, tm, scale)}
+    N, L, G = q.shape[1], inp["max_len"], case["Hq"] // case["Hkv"]
+    try:  # the baselines' inputs may not fit in memory at the largest shapes
+        k, v = gather_kv(kc, vc, bt, sl, L)
+        mask = dense_tree_mask(tm, sl, N, L)
+        k_exp, v_exp = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        out["sdpa_dense"] = lambda: tree_attention_sdpa(q, k_exp, v_exp, mask, scale)
+        if q.is_cuda:  # FlexAttention needs its compiled (Triton) kernels: CUDA only here
+            block_mask = flex_tree_block_mask(tm, sl, N, L)
+            out["flex"] = lambda: tree_attention_flex(q, k, v, block_mask, scale)
+    except torch.OutOfMemoryError as exc:
+        print(f"# baselines skipped for {case}: {type(exc).__name__}")
+    return out
+
+
+def traffic_bytes(case):
+    B, P, N, Hq, Hkv, D = (case[k] for k in ("B", "prefix", "N", "Hq", "Hkv", "D"))
+    elem = torch.finfo(DTYPE).bits // 8
+    kv = B * (P + N) * Hkv * D * 2 * elem  # K and V, once per (request, KV head)
+    q_out = 2 * B * N * Hq * D * elem
+    return int(kv + q_out)
+
+
+def flops(case):
+    B, P, N, Hq, D = (case[k] for k in ("B", "prefix", "N", "Hq", "D"))
+    return int(4 * B * Hq * N * (P + N) * D)  # QK^T and PV over every cached position
+
+
+def _case_id(c):
+    return f"B{c['B']}-P{c['prefix']}-N{c['N']}-Hq{c['Hq']}-Hkv{c['Hkv']}-D{c['D']}"
+
+
+@pytest.mark.parametrize("case", cases(quick=True), ids=_case_id)
+@pytest.mark.parametrize("impl", ["loramix", "sdpa_dense"])
+def test_tree_attention(benchmark, case, impl):
+    inp = make_inputs(case, torch.device("cpu"))
+    benchmark(candidates(case, inp)[impl])
+
+
+@pytest.mark.parametrize("case", cases(quick=True), ids=_case_id)
+def test_candidates_agree(case):
+    """Every candidate computes the same attention (the timings compare like with like)."""
+    inp = make_inputs(case, torch.device("cpu"))
+    cands = candidates(case, inp)
+    ours = cands.pop("loramix")().float()
+    assert cands, "no baseline ran"
+    for name, fn in cands.items():
+        torch.testing.assert_close(fn().float(), ours, atol=3e-2, rtol=3e-2, msg=name)
