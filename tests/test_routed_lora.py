@@ -99,6 +99,28 @@ def test_triton_matches_oracle(strategy, dtype, T, d_in, ranks, d_outs, E, k, de
 
 
 @requires_triton
+@pytest.mark.parametrize("strategy", ["token_major", "expert_sorted"])
+@pytest.mark.parametrize("splits", [(1, 1), (3, 1), (1, 3), (2, 2)])
+@pytest.mark.parametrize("k, out_dtype", [(1, None), (2, None), (1, torch.float32), (2, torch.bfloat16)])
+@pytest.mark.parametrize("ranks", [[8, 4, 16], [8, 4, 16, 2]])
+def test_triton_splits(strategy, splits, k, out_dtype, ranks):
+    """Column shares (NSPLIT) and decode split-K (KSPLIT, fp32 atomics) give the same result, for
+    y and for out += y with fp32 and bf16 outputs, also across two launches of slice groups."""
+    dtype = torch.bfloat16
+    d_outs = [40, 24, 33, 7][: len(ranks)]
+    args = make_case(9, 100, ranks, d_outs, 6, k, dtype=dtype, device=TRITON_DEVICE)
+    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    expect = oracle(*cpu, 0.5)
+    if out_dtype is None:
+        y = rl.routed_lora_forward(*args, 0.5, strategy=strategy, splits=splits)
+    else:
+        base = torch.randn(9, sum(d_outs), device=TRITON_DEVICE).to(out_dtype)
+        y = rl.routed_lora_forward(*args, 0.5, out=base.clone(), strategy=strategy, splits=splits)
+        expect = expect + base.cpu().double()
+    assert_close_scaled(y.cpu(), expect, dtype)
+
+
+@requires_triton
 @given(
     T=st.sampled_from([0, 1, 2, 7, 16, 17, 40]),
     d_in=st.integers(1, 80),
@@ -111,8 +133,9 @@ def test_triton_matches_oracle(strategy, dtype, T, d_in, ranks, d_outs, E, k, de
     noncontig=st.booleans(),
     idx_dtype=st.sampled_from([torch.int32, torch.int64]),
     seed=st.integers(0, 2 ** 16),
+    splits=st.sampled_from([None, (1, 1), (2, 3)]),
 )
-def test_triton_hypothesis(T, d_in, slices, E, k_frac, dtype, strategy, noncontig, idx_dtype, seed):
+def test_triton_hypothesis(T, d_in, slices, E, k_frac, dtype, strategy, noncontig, idx_dtype, seed, splits):
     ranks = [r for r, _ in slices]
     d_outs = [o for _, o in slices]
     k = max(1, round(k_frac * E))
@@ -120,7 +143,7 @@ def test_triton_hypothesis(T, d_in, slices, E, k_frac, dtype, strategy, nonconti
         strategy = "expert_sorted"  # keep interpreter register tiles small
     args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=TRITON_DEVICE, seed=seed,
                      noncontig=noncontig, idx_dtype=idx_dtype)
-    y = rl.routed_lora_forward(*args, 1.5, strategy=strategy)
+    y = rl.routed_lora_forward(*args, 1.5, strategy=strategy, splits=splits)
     cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
     assert_close_scaled(y.cpu(), oracle(*cpu, 1.5), dtype)
 

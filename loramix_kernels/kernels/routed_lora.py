@@ -7,17 +7,23 @@ beyond ``NUM_SLICES`` is never touched). All accumulation is fp32.
 Kernels
 -------
 ``_routed_lora_token_major_kernel``  (strategy "token_major", small E*r)
-    Grid: ``cdiv(T, BLOCK_T) * NSPLIT`` programs; program (token tile, column split). It builds the
+    Grid: ``cdiv(T, BLOCK_T) * NSPLIT * KSPLIT`` programs; program (token tile, column split, d_in
+    split). It builds the
     per-tile gate matrix ``G[t, e*r+i] = sum_j g[t,j] [ids[t,j] == e]``, computes the shrink for all
     experts at once ``H_s = x_tile @ A_s_cat^T`` (x tile read once for all slices; A rows of experts
     that no token of the tile uses are masked off, so they are never read: at decode only the
     active experts' weights move), then ``y_tile = (H_s * G_s * scaling) @ B_s_cat^T`` over the
     column tiles of its split, one write of y (or one read-modify-write for ``out +=``).
+    Decode split-K: y is linear in the shrink, y = sum_c (G * (x_c A_c^T)) B^T over d_in chunks c,
+    so when a few token tiles cannot fill the GPU each program takes one d_in chunk (KSPLIT) and
+    one column share (NSPLIT) and adds its partial y with fp32 atomics: every program reads only
+    1/KSPLIT of A and 1/NSPLIT of B instead of all of A.
 ``_routed_lora_sorted_kernel``  (strategy "expert_sorted", large E*r; ScatterMoE style)
     The T*k (token, slot) pairs are sorted by expert; each program takes BLOCK_M pairs of ONE
     expert (block metadata from the launcher), gathers their x rows on load, computes
     ``h = x_rows @ A_s[e]^T`` and ``h*g @ B_s[e]^T`` for its column split, and scatters rows to y on
     store: directly when k == 1 (each token appears once), else by fp32 atomic add into a workspace.
+    The same d_in split (KSPLIT) as above applies at decode.
 ``_sorted_shrink_kernel`` / ``_sorted_expand_kernel``
     The same computation split into two launches with an fp32 [pairs, r] intermediate in global
     memory: the vLLM shrink/expand design, kept as a benchmark baseline.
@@ -67,7 +73,8 @@ def _shrink_dense(h, xk, a_ptr, kk, kmask, act, E, sae, sar, sak,
 def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pid_n,
                   sbe, sbn, sbr, syt, syn,
                   R: tl.constexpr, ER: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
-                  ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+                  ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
+                  IEEE: tl.constexpr):
     """y[tile, col + n] (+)= hg @ B_cat[n, :]^T over this split's share of the slice's column tiles.
 
     Column tiles are numbered across all slices (``tile_base`` = tiles of the earlier slices) and
@@ -87,9 +94,12 @@ def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pi
         acc = _dot(hg, b, tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32), DOT_FP32, IEEE)
         yp = y_ptr + offs_t[:, None].to(tl.int64) * syt + (col + nn)[None, :].to(tl.int64) * syn
         ymask = tmask[:, None] & nmask[None, :]
-        if ACCUMULATE:
-            acc += tl.load(yp, mask=ymask, other=0.0).to(tl.float32)
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        if ATOMIC:
+            tl.atomic_add(yp, acc, mask=ymask)
+        else:
+            if ACCUMULATE:
+                acc += tl.load(yp, mask=ymask, other=0.0).to(tl.float32)
+            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     return n_tiles
 
 
@@ -97,7 +107,7 @@ def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pi
 def _routed_lora_token_major_kernel(
     x_ptr, ids_ptr, gates_ptr, y_ptr,
     a0_ptr, b0_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
-    T, D_IN, E, K,
+    T, D_IN, K_CHUNK, E, K,
     n0, n1, n2, col0, col1, col2,
     sxt, sxk, sit, sik, sgt, sgk, syt, syn,
     sa0e, sa0r, sa0k, sb0e, sb0n, sb0r,
@@ -108,12 +118,14 @@ def _routed_lora_token_major_kernel(
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
     ER0: tl.constexpr, ER1: tl.constexpr, ER2: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    KSPLIT: tl.constexpr, ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # Splits of one token tile are adjacent program ids, so they run together and share x in L2.
-    pid_t = pid // NSPLIT
-    pid_n = pid % NSPLIT
+    pid_t = pid // (NSPLIT * KSPLIT)
+    pid_n = (pid // KSPLIT) % NSPLIT
+    pid_k = pid % KSPLIT
     offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
 
@@ -140,7 +152,8 @@ def _routed_lora_token_major_kernel(
     h0 = tl.zeros((BLOCK_T, ER0), dtype=tl.float32)
     h1 = tl.zeros((BLOCK_T, ER1), dtype=tl.float32)
     h2 = tl.zeros((BLOCK_T, ER2), dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
+    # K_CHUNK is a multiple of BLOCK_K, so d_in chunks never overlap.
+    for k0 in range(pid_k * K_CHUNK, tl.minimum(D_IN, (pid_k + 1) * K_CHUNK), BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < D_IN
         xk = tl.load(x_ptr + offs_t[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
@@ -156,15 +169,18 @@ def _routed_lora_token_major_kernel(
     wdt = b0_ptr.dtype.element_ty
     hg0 = (h0 * gm0 * scaling).to(wdt)
     tiles = _expand_dense(hg0, act0, b0_ptr, y_ptr, offs_t, tmask, E, n0, col0, 0, pid_n,
-                          sb0e, sb0n, sb0r, syt, syn, R0, ER0, BLOCK_N, NSPLIT, ACCUMULATE, DOT_FP32, IEEE)
+                          sb0e, sb0n, sb0r, syt, syn, R0, ER0, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
+                          DOT_FP32, IEEE)
     if NUM_SLICES > 1:
         hg1 = (h1 * gm1 * scaling).to(wdt)
         tiles += _expand_dense(hg1, act1, b1_ptr, y_ptr, offs_t, tmask, E, n1, col1, tiles, pid_n,
-                               sb1e, sb1n, sb1r, syt, syn, R1, ER1, BLOCK_N, NSPLIT, ACCUMULATE, DOT_FP32, IEEE)
+                               sb1e, sb1n, sb1r, syt, syn, R1, ER1, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
+                               DOT_FP32, IEEE)
     if NUM_SLICES > 2:
         hg2 = (h2 * gm2 * scaling).to(wdt)
         _expand_dense(hg2, act2, b2_ptr, y_ptr, offs_t, tmask, E, n2, col2, tiles, pid_n,
-                      sb2e, sb2n, sb2r, syt, syn, R2, ER2, BLOCK_N, NSPLIT, ACCUMULATE, DOT_FP32, IEEE)
+                      sb2e, sb2n, sb2r, syt, syn, R2, ER2, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
+                      DOT_FP32, IEEE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,15 +189,15 @@ def _routed_lora_token_major_kernel(
 
 
 @triton.jit
-def _shrink_rows(x_ptr, tok, rmask, a_ptr, e, D_IN, sxt, sxk, sae, sar, sak,
+def _shrink_rows(x_ptr, tok, rmask, a_ptr, e, k_lo, k_hi, D_IN, sxt, sxk, sae, sar, sak,
                  R, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """h[BLOCK_M, RP] = x[tok] @ A[e]^T (rows of x gathered by token id)."""
+    """h[BLOCK_M, RP] = x[tok, k_lo:k_hi] @ A[e, :, k_lo:k_hi]^T (x rows gathered by token id)."""
     i = tl.arange(0, RP)
     imask = i < R
     h = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     a_base = a_ptr + e.to(tl.int64) * sae
-    for k0 in range(0, D_IN, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < D_IN
         xk = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
@@ -243,7 +259,7 @@ def _routed_lora_sorted_kernel(
     x_ptr, gates_ptr, y_ptr,
     order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
     a0_ptr, b0_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
-    D_IN, E, K,
+    D_IN, K_CHUNK, E, K,
     r0, r1, r2, n0, n1, n2, col0, col1, col2,
     sxt, sxk, sgt, sgk, syt, syn,
     sa0e, sa0r, sa0k, sb0e, sb0n, sb0r,
@@ -252,11 +268,15 @@ def _routed_lora_sorted_kernel(
     scaling,
     NUM_SLICES: tl.constexpr, RP0: tl.constexpr, RP1: tl.constexpr, RP2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
-    ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    KSPLIT: tl.constexpr, ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_b = pid // NSPLIT
-    pid_n = pid % NSPLIT
+    pid_b = pid // (NSPLIT * KSPLIT)
+    pid_n = (pid // KSPLIT) % NSPLIT
+    pid_k = pid % KSPLIT
+    k_lo = pid_k * K_CHUNK
+    k_hi = tl.minimum(D_IN, k_lo + K_CHUNK)
     # The grid is a fixed upper bound (cdiv(T*k, BLOCK_M) + E blocks) so the launch needs no
     # host sync; blocks beyond the real count have no rows and leave at once.
     if tl.load(blk_expert_ptr + pid_b) >= E:
@@ -265,19 +285,19 @@ def _routed_lora_sorted_kernel(
                                            order_ptr, gates_ptr, K, E, sgt, sgk, BLOCK_M)
     wdt = b0_ptr.dtype.element_ty
     g = g * scaling
-    h = _shrink_rows(x_ptr, tok, rmask, a0_ptr, e, D_IN, sxt, sxk, sa0e, sa0r, sa0k, r0, RP0,
+    h = _shrink_rows(x_ptr, tok, rmask, a0_ptr, e, k_lo, k_hi, D_IN, sxt, sxk, sa0e, sa0r, sa0k, r0, RP0,
                      BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
     tiles = _expand_rows((h * g[:, None]).to(wdt), b0_ptr, e, y_ptr, tok, rmask, n0, col0, 0, pid_n,
                          sb0e, sb0n, sb0r, syt, syn, r0, RP0, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
                          DOT_FP32, IEEE)
     if NUM_SLICES > 1:
-        h = _shrink_rows(x_ptr, tok, rmask, a1_ptr, e, D_IN, sxt, sxk, sa1e, sa1r, sa1k, r1, RP1,
+        h = _shrink_rows(x_ptr, tok, rmask, a1_ptr, e, k_lo, k_hi, D_IN, sxt, sxk, sa1e, sa1r, sa1k, r1, RP1,
                          BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
         tiles += _expand_rows((h * g[:, None]).to(wdt), b1_ptr, e, y_ptr, tok, rmask, n1, col1, tiles,
                               pid_n, sb1e, sb1n, sb1r, syt, syn, r1, RP1, BLOCK_N, NSPLIT, ATOMIC,
                               ACCUMULATE, DOT_FP32, IEEE)
     if NUM_SLICES > 2:
-        h = _shrink_rows(x_ptr, tok, rmask, a2_ptr, e, D_IN, sxt, sxk, sa2e, sa2r, sa2k, r2, RP2,
+        h = _shrink_rows(x_ptr, tok, rmask, a2_ptr, e, k_lo, k_hi, D_IN, sxt, sxk, sa2e, sa2r, sa2k, r2, RP2,
                          BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
         _expand_rows((h * g[:, None]).to(wdt), b2_ptr, e, y_ptr, tok, rmask, n2, col2, tiles, pid_n,
                      sb2e, sb2n, sb2r, syt, syn, r2, RP2, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
@@ -300,7 +320,7 @@ def _sorted_shrink_kernel(
         return
     e, tok, g, rows, rmask = _sorted_block(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
                                            order_ptr, gates_ptr, K, E, sgt, sgk, BLOCK_M)
-    h = _shrink_rows(x_ptr, tok, rmask, a_ptr, e, D_IN, sxt, sxk, sae, sar, sak, R, RP,
+    h = _shrink_rows(x_ptr, tok, rmask, a_ptr, e, 0, D_IN, D_IN, sxt, sxk, sae, sar, sak, R, RP,
                      BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
     i = tl.arange(0, RP)
     tl.store(h_ptr + rows[:, None].to(tl.int64) * shp + i[None, :], h * (g * scaling)[:, None],

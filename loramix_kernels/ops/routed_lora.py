@@ -136,12 +136,57 @@ def _col_offsets(lora_b):
     return cols
 
 
-def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
+def plan_splits(x, programs, n_tiles, d_in, block_k, a_over_b, splits=None):
+    """(NSPLIT, KSPLIT, K_CHUNK): how many column shares and d_in chunks each row tile is cut into.
+
+    Nothing is split when the row tiles alone give at least half a wave (prefill). Otherwise (decode)
+    aim at two programs per SM, cutting d_in and the columns in the ratio of the A and B bytes each
+    program would read (``a_over_b``), so that every program moves about the same number of bytes.
+    ``splits`` overrides the choice (tests).
+    """
+    kmax = triton.cdiv(d_in, block_k)
+    if splits is not None:
+        nsplit, ksplit = splits
+    elif programs >= _backend.sm_count(x) // 2:
+        nsplit, ksplit = 1, 1
+    else:
+        per = triton.cdiv(2 * _backend.sm_count(x), max(programs, 1))
+        ksplit = int(round(math.sqrt(per * a_over_b)))
+        ksplit = max(1, min(ksplit, kmax, per))
+        nsplit = max(1, min(per // ksplit, n_tiles))
+        if _backend.INTERPRET:  # keep interpreter grids small; tests force larger splits
+            nsplit, ksplit = min(nsplit, 2), min(ksplit, 2)
+    k_chunk = triton.cdiv(triton.cdiv(d_in, max(1, ksplit)), block_k) * block_k
+    return max(1, nsplit), max(1, triton.cdiv(d_in, k_chunk)), k_chunk
+
+
+def _destination(y, accumulate, atomic):
+    """Where kernels write. Atomic adds need an fp32 target: y itself when it is fp32 (zeroed
+    first unless accumulating), else a zeroed fp32 workspace added / copied into y afterwards."""
+    if not atomic or y.dtype == torch.float32:
+        if atomic and not accumulate:
+            y.zero_()
+        return y
+    return torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+
+
+def _finish(y, dst, accumulate):
+    if dst is not y:
+        if accumulate:
+            y.add_(dst)
+        else:
+            y.copy_(dst)
+
+
+def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=None):
+    from ..kernels.routed_lora import _routed_lora_token_major_kernel
+
     T, d_in = x.shape
     E, K = lora_a[0].shape[0], ids.shape[1]
     cols = _col_offsets(lora_b)
     er_all = [_pow2(E * a.shape[1]) for a in lora_a]
     interp = _backend.INTERPRET
+    launches = []
     for idx in _groups(len(lora_a)):
         ptrs, ranks, widths, col, strides = _slice_args(lora_a, lora_b, idx, cols)
         er = [er_all[s] for s in idx] + [16] * (MAX_SLICES_PER_LAUNCH - len(idx))
@@ -153,29 +198,30 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
         # ER x BLOCK_N tile of B; keep it well under Hopper's 227 KB for the largest ER.
         block_n = 32 if interp else (64 if max(er) > 128 else 128)
         block_k = 32 if (interp or er_total > 256) else 64
-        stages = 2 if er_total > 256 else 3
         n_tiles = sum(triton.cdiv(w, block_n) for w in widths[: len(idx)])
         n_t = triton.cdiv(T, block_t)
-        sms = _backend.sm_count(x)
-        # Split the columns across programs only when the token tiles alone leave SMs idle (decode):
-        # each extra split recomputes the (cheap, L2-resident) shrink of its token tile.
-        nsplit = 1 if n_t >= sms // 2 else max(1, min(n_tiles, triton.cdiv(2 * sms, n_t)))
-        if interp:
-            nsplit = min(nsplit, 2)
-        grid = (n_t * nsplit,)
-        from ..kernels.routed_lora import _routed_lora_token_major_kernel
-
-        _routed_lora_token_major_kernel[grid](
-            x, ids, gates, y, *ptrs,
-            T, d_in, E, K, *widths, *col,
+        a_over_b = d_in * sum(ranks[: len(idx)]) / sum(r * w for r, w in zip(ranks, widths[: len(idx)]))
+        nsplit, ksplit, k_chunk = plan_splits(x, n_t, n_tiles, d_in, block_k, a_over_b, splits)
+        launches.append(dict(
+            args=(ptrs, widths, col, strides, k_chunk), grid=(n_t * nsplit * ksplit,),
+            meta=dict(NUM_SLICES=len(idx), R0=ranks[0], R1=ranks[1], R2=ranks[2],
+                      ER0=er[0], ER1=er[1], ER2=er[2], BLOCK_T=block_t, BLOCK_K=block_k,
+                      BLOCK_N=block_n, NSPLIT=nsplit, KSPLIT=ksplit, ATOMIC=ksplit > 1,
+                      num_warps=8 if block_t * er_total > 4096 else 4,
+                      num_stages=2 if er_total > 256 else 3)))
+    # One destination for every slice group (their columns are disjoint).
+    dst = _destination(y, accumulate, any(ln["meta"]["ATOMIC"] for ln in launches))
+    for ln in launches:
+        ptrs, widths, col, strides, k_chunk = ln["args"]
+        _routed_lora_token_major_kernel[ln["grid"]](
+            x, ids, gates, dst, *ptrs,
+            T, d_in, k_chunk, E, K, *widths, *col,
             x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), gates.stride(0), gates.stride(1),
-            y.stride(0), y.stride(1), *strides, float(scaling),
-            NUM_SLICES=len(idx), R0=ranks[0], R1=ranks[1], R2=ranks[2],
-            ER0=er[0], ER1=er[1], ER2=er[2],
-            BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_N=block_n, NSPLIT=nsplit,
-            ACCUMULATE=accumulate, DOT_FP32=_backend.dot_fp32(x.dtype), IEEE=x.dtype == torch.float32,
-            num_warps=8 if block_t * er_total > 4096 else 4, num_stages=stages,
+            dst.stride(0), dst.stride(1), *strides, float(scaling),
+            ACCUMULATE=accumulate and dst is y, DOT_FP32=_backend.dot_fp32(x.dtype),
+            IEEE=x.dtype == torch.float32, **ln["meta"],
         )
+    _finish(y, dst, accumulate)
 
 
 def sort_pairs(ids: torch.Tensor, E: int, block_m: int):
@@ -206,60 +252,53 @@ def sort_pairs(ids: torch.Tensor, E: int, block_m: int):
             blk_end.to(torch.int32), max_blocks)
 
 
-def _sorted_config(x, P, E, widths):
+def _sorted_config(x, P, E, lora_a, lora_b, splits=None):
     interp = _backend.INTERPRET
     block_m = 16 if (interp or P <= 64 * E) else 64
     block_n = 32 if interp else 128
     block_k = 32 if interp else 64
-    max_blocks = triton.cdiv(P, block_m) + E
-    n_tiles = sum(triton.cdiv(w, block_n) for w in widths)
-    real_blocks = triton.cdiv(P, block_m)
-    sms = _backend.sm_count(x)
-    nsplit = max(1, min(n_tiles, triton.cdiv(2 * sms, max(real_blocks, 1))))
-    if interp:
-        nsplit = min(nsplit, 2)
-    return block_m, block_n, block_k, max_blocks, nsplit
+    d_in = x.shape[1]
+    n_tiles = sum(triton.cdiv(b.shape[1], block_n) for b in lora_b)
+    # Blocks that will really have rows: one per active expert at decode, ~P / BLOCK_M at prefill.
+    est_blocks = max(triton.cdiv(P, block_m), min(E, P))
+    a_over_b = d_in * sum(a.shape[1] for a in lora_a) / sum(b.shape[1] * b.shape[2] for b in lora_b)
+    nsplit, ksplit, k_chunk = plan_splits(x, est_blocks, n_tiles, d_in, block_k, a_over_b, splits)
+    return block_m, block_n, block_k, nsplit, ksplit, k_chunk
 
 
-def _expert_sorted(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
+def _expert_sorted(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=None):
     from ..kernels.routed_lora import _routed_lora_sorted_kernel
 
     T, d_in = x.shape
     E, K = lora_a[0].shape[0], ids.shape[1]
     P = T * K
-    block_m, block_n, block_k, _, nsplit = _sorted_config(x, P, E, [b.shape[1] for b in lora_b])
+    block_m, block_n, block_k, nsplit, ksplit, k_chunk = _sorted_config(x, P, E, lora_a, lora_b, splits)
     order, blk_e, blk_s, blk_t, max_blocks = sort_pairs(ids, E, block_m)
-    # k == 1: every token is one row of exactly one block, so rows are stored without atomics.
-    atomic = K > 1
-    if atomic:
-        dst = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-    else:
-        dst = y
-        if not accumulate:
-            y.zero_()  # tokens whose only slot is empty get no row
+    # k == 1 without a d_in split: every token is one row of exactly one block, so rows are
+    # stored without atomics (tokens whose only slot is empty get no row: y is zeroed first).
+    atomic = K > 1 or ksplit > 1
+    dst = _destination(y, accumulate, atomic)
+    if not atomic and not accumulate:
+        y.zero_()
+    accumulate_dst = accumulate and dst is y
     cols = _col_offsets(lora_b)
     for idx in _groups(len(lora_a)):
         ptrs, ranks, widths, col, strides = _slice_args(lora_a, lora_b, idx, cols)
         rp = [_pow2(r) for r in ranks]
-        grid = (max_blocks * nsplit,)
-        _routed_lora_sorted_kernel[grid](
+        _routed_lora_sorted_kernel[(max_blocks * nsplit * ksplit,)](
             x, gates, dst, order, blk_e, blk_s, blk_t, *ptrs,
-            d_in, E, K, *ranks, *widths, *col,
+            d_in, k_chunk, E, K, *ranks, *widths, *col,
             x.stride(0), x.stride(1), gates.stride(0), gates.stride(1), dst.stride(0), dst.stride(1),
             *strides, float(scaling),
             NUM_SLICES=len(idx), RP0=rp[0], RP1=rp[1], RP2=rp[2],
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NSPLIT=nsplit,
-            ATOMIC=atomic, ACCUMULATE=accumulate, DOT_FP32=_backend.dot_fp32(x.dtype),
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NSPLIT=nsplit, KSPLIT=ksplit,
+            ATOMIC=atomic, ACCUMULATE=accumulate_dst, DOT_FP32=_backend.dot_fp32(x.dtype),
             IEEE=x.dtype == torch.float32, num_warps=4,
         )
-    if atomic:
-        if accumulate:
-            y.add_(dst.to(y.dtype))
-        else:
-            y.copy_(dst)
+    _finish(y, dst, accumulate)
 
 
-def _dense_gemm(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
+def _dense_gemm(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=None):
     """Dense routing with large E*r: two cuBLAS GEMMs per slice around an fp32 gate scaling."""
     T = x.shape[0]
     E = lora_a[0].shape[0]
@@ -275,10 +314,12 @@ def _dense_gemm(x, lora_a, lora_b, ids, gates, scaling, y, accumulate):
             y[:, col:col + n] = ys
 
 
-def routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=None, strategy=None):
+def routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=None, strategy=None,
+                        splits=None):
     """Launcher: validate, allocate, pick a strategy (``choose_strategy`` unless given), launch.
 
-    With ``out`` given, adds into it in place (``routed_lora_add_``) and returns it.
+    With ``out`` given, adds into it in place (``routed_lora_add_``) and returns it. ``strategy``
+    and ``splits`` = (column shares, d_in chunks) override the heuristics (tests, benchmarks).
     """
     T, d_in, E, k, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling)
     accumulate = out is not None
@@ -295,7 +336,7 @@ def routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=None,
     strategy = strategy or choose_strategy(E, [a.shape[1] for a in lora_a], k)
     if strategy not in _STRATEGIES:
         raise ValueError(f"routed_lora: strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
-    _STRATEGIES[strategy](x, lora_a, lora_b, expert_ids, gates, scaling, y, accumulate)
+    _STRATEGIES[strategy](x, lora_a, lora_b, expert_ids, gates, scaling, y, accumulate, splits)
     return y
 
 
@@ -312,7 +353,7 @@ def routed_lora_two_launch(x, lora_a, lora_b, expert_ids, gates, scaling):
     if T == 0 or K == 0:
         return ws.to(x.dtype)
     P = T * K
-    block_m, block_n, block_k, _, nsplit = _sorted_config(x, P, E, [b.shape[1] for b in lora_b])
+    block_m, block_n, block_k, nsplit, _, _ = _sorted_config(x, P, E, lora_a, lora_b, splits=None)
     order, blk_e, blk_s, blk_t, max_blocks = sort_pairs(expert_ids, E, block_m)
     dfp32, ieee = _backend.dot_fp32(x.dtype), x.dtype == torch.float32
     for a, b, col in zip(lora_a, lora_b, _col_offsets(lora_b)):
