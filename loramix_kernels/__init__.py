@@ -14,6 +14,8 @@ except ImportError:  # a source tree without a build: the ops fall back to plain
 
 # Registration: each family module declares its schemas and registers its kernels.
 from .ops import routed_lora as _routed_lora_ops  # noqa: E402,F401
+from .ops import verify as _verify_ops  # noqa: E402,F401
+from .ops import kv as _kv_ops  # noqa: E402,F401
 from .ops import tree as _tree_ops  # noqa: E402,F401
 
 __all__ = ["set_value_validation", "use_backend"]

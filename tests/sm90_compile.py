@@ -109,8 +109,43 @@ def scenarios():
             for ns in (1, 4):
                 tree.append(tree_attn(D, N, Hq, Hkv, ns))
 
+    from loramix_kernels.ops import kv as kvops
+    from loramix_kernels.ops import verify as vf
+    from loramix_kernels.reference.verify import verify_sampling_separate_pass
+
+    def verify(B, N, V, draft):
+        def go():
+            parents = torch.arange(-1, N - 1).repeat(B, 1)
+            tokens = torch.zeros(B, N, dtype=torch.int64)
+            p = torch.full((B, N, V), 1.0 / V)
+            q = p.clone() if draft else None
+            vf.verify_sampling_forward(tokens, parents, p, q, 0, 0)
+            vf.verify_greedy_forward(tokens, parents, tokens)
+            # (outputs are never written here: kernels are compiled, not run)
+            acc = torch.arange(N, dtype=torch.int32).repeat(B, 1)
+            vf.match_branch_forward(acc, torch.zeros(B, dtype=torch.int32), torch.zeros(B, dtype=torch.int64),
+                                    torch.zeros(B, 4, dtype=torch.int32), torch.zeros(B, 4, dtype=torch.int64))
+            if draft:
+                verify_sampling_separate_pass(tokens, parents, p, q, 0, 0)
+        return go
+
+    def compact(B, N, H, D, block=16):
+        def go():
+            blocks = 8
+            kc = torch.zeros(B * blocks, block, H, D, dtype=torch.bfloat16)
+            bt = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
+            lens = torch.full((B,), 100, dtype=torch.int32)
+            acc = torch.arange(N, dtype=torch.int32).repeat(B, 1)
+            kvops.compact_kv_forward(kc, kc.clone(), bt, lens, acc, torch.full((B,), N - 1, dtype=torch.int32))
+        return go
+
+    verify_cases = [verify(2, n, v, d) for n, v, d in ((4, 32000, True), (64, 128256, True),
+                                                       (8, 32000, False), (1, 7, True))]
+    verify_cases += [compact(2, n, h, d) for n, h, d in ((8, 8, 128), (64, 32, 64), (4, 1, 256))]
+
     qkv = [4096, 1024, 1024]
     return {
+        "verify": verify_cases,
         "tree": tree,
         "routed_lora": [
             routed(16, 8, 16, 2, qkv), routed(16, 6, 16, 3, qkv), routed(8192, 8, 16, 2, qkv),

@@ -1,0 +1,61 @@
+"""Triton kernel for KV-cache compaction after tree verification (``compact_kv_``).
+
+Kernels only; the launcher lives in ``loramix_kernels/ops/kv.py``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _compact_kv_kernel(
+    k_ptr, v_ptr, bt_ptr, seq_ptr, acc_idx_ptr, acc_len_ptr,
+    N, H, D, block_size, max_blocks, num_blocks,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_tb, stride_tm, stride_ab, stride_an,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid ``(B, cdiv(Hkv, BLOCK_H))``: each program moves the accepted path of request b for a
+    slice of KV heads, for both caches, in increasing j.
+
+    Race freedom, in place: the path is strictly increasing, so the source ``base + a_j`` (with
+    ``a_j >= j``) of step j lies at or after every destination ``base + j' (j' < j)`` already
+    written: no step reads a row an earlier step overwrote. A row read at step j and overwritten at
+    a later step j' is handled by the same threads (same [BLOCK_H, BLOCK_D] layout every step), so
+    program order puts the read first. Programs never share elements: the split is across heads
+    only, never across j. Invalid entries (a_j outside [j, N), not increasing, base < 0) are
+    skipped and block ids are clamped, so no input makes the kernel leave the caches.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hm = (h < H)[:, None] & (d < D)[None, :]
+    k_off = h[:, None].to(tl.int64) * stride_kh + d[None, :].to(tl.int64) * stride_kd
+    v_off = h[:, None].to(tl.int64) * stride_vh + d[None, :].to(tl.int64) * stride_vd
+    base = tl.load(seq_ptr + b).to(tl.int64) - N
+    ln = tl.load(acc_len_ptr + b).to(tl.int32)
+    ln = tl.minimum(ln, N - 1)
+    ln = tl.where(base >= 0, ln, -1)
+    prev = tl.program_id(0) * 0 - 1
+    for j in range(0, ln + 1):
+        a = tl.load(acc_idx_ptr + b * stride_ab + j * stride_an).to(tl.int32)
+        ok = (a > prev) & (a >= j) & (a < N)
+        prev = tl.where(ok, a, prev)
+        move = ok & (a != j)
+        src = base + tl.minimum(tl.maximum(a, 0), N - 1)
+        dst = base + j
+        s_blk = tl.load(bt_ptr + b * stride_tb + tl.minimum(src // block_size, max_blocks - 1) * stride_tm)
+        d_blk = tl.load(bt_ptr + b * stride_tb + tl.minimum(dst // block_size, max_blocks - 1) * stride_tm)
+        s_blk = tl.minimum(tl.maximum(s_blk.to(tl.int64), 0), num_blocks - 1)
+        d_blk = tl.minimum(tl.maximum(d_blk.to(tl.int64), 0), num_blocks - 1)
+        s_row = s_blk * stride_kb + (src % block_size) * stride_ks
+        d_row = d_blk * stride_kb + (dst % block_size) * stride_ks
+        # (an explicit broadcast: the interpreter rejects a block mask & a scalar mask)
+        m = hm & ((d[None, :] * 0 + move.to(tl.int32)) != 0)
+        kv = tl.load(k_ptr + s_row + k_off, mask=m)
+        tl.store(k_ptr + d_row + k_off, kv, mask=m)
+        s_row = s_blk * stride_vb + (src % block_size) * stride_vs
+        d_row = d_blk * stride_vb + (dst % block_size) * stride_vs
+        vv = tl.load(v_ptr + s_row + v_off, mask=m)
+        tl.store(v_ptr + d_row + v_off, vv, mask=m)

@@ -1,0 +1,135 @@
+"""KV-cache compaction after tree verification: ``compact_kv_``.
+
+Registration (schema, CPU / CUDA / fake kernels; no autograd: an in-place cache update), the
+launcher (validate, pick tiles, launch ``kernels/kv.py``) and the public function.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import _backend
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_shape, check_tensor, fail
+from ..reference.kv import compact_kv_ref_
+
+_OP = "compact_kv_"
+
+torch.library.define(
+    "loramix::compact_kv_",
+    "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor seq_lens, "
+    "Tensor accept_index, Tensor accept_len) -> ()",
+)
+
+
+def validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len, op=_OP):
+    """Metadata checks, plus (where ``check_values`` allows) the path, lengths and blocks used."""
+    check_tensor(op, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    dev = k_cache.device
+    check_tensor(op, "v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
+    check_shape(op, "v_cache", v_cache, tuple(k_cache.shape))
+    num_blocks, block_size, H, D = k_cache.shape
+    check_tensor(op, "accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    B, N = accept_index.shape
+    check(N >= 1, op, "accept_index", "must have at least one column (the root)")
+    check_tensor(op, "accept_len", accept_len, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    check_shape(op, "accept_len", accept_len, (B,))
+    check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    check(block_table.shape[0] == B, op, "block_table",
+          f"must have shape [B={B}, max_blocks], got {list(block_table.shape)}")
+    check(block_table.shape[1] >= 1, op, "block_table", "must have at least one block per request")
+    check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    check_shape(op, "seq_lens", seq_lens, (B,))
+    if _backend.check_values(accept_index) and B > 0:
+        check_index_range(op, "accept_len", accept_len, 0, N)
+        cap = block_table.shape[1] * block_size
+        check_index_range(op, "seq_lens", seq_lens, N, cap + 1)
+        a = accept_index.long()
+        j = torch.arange(N, device=dev)[None, :]
+        used = j <= accept_len.long()[:, None]
+        check(bool(((a >= 0) & (a < N) | ~used).all()), op, "accept_index",
+              f"entries on the accepted path (j <= accept_len) must lie in [0, {N})")
+        prev = torch.cat([a.new_full((B, 1), -1), a[:, :-1]], 1)
+        check(bool(((a > prev) | ~used).all()), op, "accept_index",
+              "must be strictly increasing along the accepted path (a child comes after its parent)")
+        base = seq_lens.long()[:, None] - N
+        pos = torch.cat([(base + a)[used], (base + j).expand(B, N)[used]])
+        rows = torch.arange(B, device=dev)[:, None].expand(B, N)[used].repeat(2)
+        blk = block_table.long()[rows, pos // block_size]
+        if blk.numel() and not bool(((blk >= 0) & (blk < num_blocks)).all()):
+            fail(op, "block_table", f"entries used by the move must lie in [0, {num_blocks})")
+
+
+def compact_kv_forward(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
+    """Launcher: validate, split heads across programs (never the path), launch."""
+    from ..kernels.kv import _compact_kv_kernel
+
+    validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+    B, N = accept_index.shape
+    num_blocks, block_size, H, D = k_cache.shape
+    if B == 0 or H == 0 or D == 0:
+        return
+    block_d = triton.next_power_of_2(D)
+    # ~2-4 KB per row copy per program: enough bytes in flight per step while B * heads-splits
+    # still fills the GPU at small B.
+    block_h = max(1, min(triton.next_power_of_2(H), 2048 // block_d))
+    grid = (B, triton.cdiv(H, block_h))
+    _compact_kv_kernel[grid](
+        k_cache, v_cache, block_table, seq_lens, accept_index, accept_len,
+        N, H, D, block_size, block_table.shape[1], num_blocks,
+        *k_cache.stride(), *v_cache.stride(),
+        block_table.stride(0), block_table.stride(1), accept_index.stride(0), accept_index.stride(1),
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def _compact_kv_impl(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
+    if _backend.use_triton(k_cache):
+        compact_kv_forward(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+        return
+    validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+    # A gather + scatter of at most B * N rows: vectorised torch is as fast as a native loop.
+    compact_kv_ref_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+
+
+torch.library.register_kernel("loramix::compact_kv_", "cpu", _compact_kv_impl)
+torch.library.register_kernel("loramix::compact_kv_", "cuda", _compact_kv_impl)
+
+
+@torch.library.register_fake("loramix::compact_kv_")
+def _compact_kv_fake(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
+    validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+
+
+def compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
+    """Move the accepted path's K and V into consecutive cache positions, in place.
+
+    With ``N = accept_index.shape[1]`` and ``base = seq_lens[b] - N`` (the tree's N nodes sit at
+    positions ``base + i``), the K and V of node ``accept_index[b, j]`` move from position
+    ``base + accept_index[b, j]`` to ``base + j`` for ``j = 0..accept_len[b]``. Race-free in place
+    (a source of one node may be the destination of another). The caller then sets
+    ``seq_lens[b] = base + accept_len[b] + 1``.
+
+    Parameters
+    ----------
+    k_cache, v_cache : torch.Tensor
+        ``[num_blocks, block_size, Hkv, D]`` paged caches (fp16 / bf16 / fp32), updated in place.
+    block_table : torch.Tensor
+        ``[B, max_blocks]`` int32 / int64 physical block of each logical block.
+    seq_lens : torch.Tensor
+        ``[B]`` int32 / int64 cached length including the N tree nodes.
+    accept_index, accept_len : torch.Tensor
+        ``[B, N]`` and ``[B]`` from :func:`~loramix_kernels.ops.verify.verify_greedy` /
+        ``verify_sampling`` (strictly increasing path starting at node 0).
+
+    Examples
+    --------
+    >>> import torch, loramix_kernels
+    >>> from loramix_kernels.ops.kv import compact_kv_
+    >>> k = torch.arange(8.).view(1, 8, 1, 1); v = k.clone()
+    >>> compact_kv_(k, v, torch.tensor([[0]]), torch.tensor([8]), torch.tensor([[0, 2, 3, -1]]),
+    ...             torch.tensor([2]))
+    >>> k.flatten().tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0]
+    """
+    torch.ops.loramix.compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)

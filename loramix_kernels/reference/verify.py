@@ -1,0 +1,338 @@
+"""Plain-PyTorch multi-token acceptance: CPU fallback, test oracle and benchmark baselines.
+
+Semantics (../shared/API.md, ``verify_greedy`` / ``verify_sampling`` / ``match_branch``). Every
+function here is vectorised over the batch: the tree walk advances all requests one child test per
+step (at most N steps, since a request tests each node at most once), so the statistical tests can
+draw 200,000 samples as one batch of 200,000 requests in one call.
+
+The sampling algorithm (shared bit for bit with ``csrc/verify.cpp`` and the Triton kernel)
+------------------------------------------------------------------------------------------
+At the current node ``u`` with target row ``p = p_u`` (and draft row ``q = q_u``) the residual
+distribution after ``k`` rejected children is kept as a scalar state instead of a rewritten row:
+
+* with ``draft_probs`` (SpecInfer / EAGLE recursive rejection for children drawn i.i.d. from q):
+  residual ``r_k ∝ w_k = max(p - c_k q, 0)`` with mass ``S_k = sum(w_k)``; ``c_0 = 0, S_0 = 1``.
+  Child token ``x`` is accepted iff ``U * q(x) * S_k < w_k(x)`` (i.e. ``U < r_k(x) / q(x)``); on
+  rejection ``r_{k+1} = norm(max(r_k - q, 0))``, which is ``∝ max(p - (c_k + S_k) q, 0)``, so
+  ``c_{k+1} = c_k + S_k`` and one pass over V gives ``S_{k+1}`` -- only when another sibling
+  remains to be tested. Keeping q fixed is the lossless rule for i.i.d. draws: after a rejection
+  the next child is a fresh draw from q, and rejection sampling of ``r_k`` against q is exact.
+  A token rejected once has ``w = 0`` afterwards (rejection implies ``p(x) < c q(x)``), so its
+  duplicates are rejected too.
+* without ``draft_probs`` (deterministic proposals): "sample ``y ~ p``, accept the lowest child
+  whose token is ``y``, else ``y`` is the correction" is carried out sequentially, in the same
+  distribution: child ``k`` (token ``x``) is accepted with probability ``p(x) / S_k`` where
+  ``S_k = 1 - sum of p over the distinct tokens already rejected``; a duplicate of a rejected
+  token has ``w = 0``. If every child is rejected the correction is drawn from p with the
+  children's tokens removed -- exactly the law of ``y`` given that it matched no child. This
+  needs scalar reads only, until the one final pass over V.
+* the correction (all children rejected) or bonus token (a leaf) is drawn from the unnormalised
+  residual ``w`` by an exponential race, ``argmax_v w(v) / E_v`` with ``E_v ~ Exp(1)``: no
+  normalisation pass. If ``w`` has no mass left (possible only by rounding), the race falls back
+  to ``p`` with the same ``E``.
+
+Randomness: Philox4x32-10 keyed by ``seed`` (mod 2^64), counter ``(c0, c1 = request, c2, c3)``:
+``c3 = offset mod 2^32``, ``c2 = kind + 2 * (offset >> 32)``; kind 0 = the acceptance uniform of
+child node ``c0``, kind 1 = the race, whose element ``v`` uses output ``v % 4`` of counter
+``c0 = v // 4``. Every (request, node, draw) gets its own counter, so requests are independent.
+Uniforms: acceptance ``U = (r >> 8) * 2^-24`` in [0, 1); race ``U = ((r >> 9) + 0.5) * 2^-23``
+in (0, 1), ``E = -log U > 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Philox4x32-10 constants (Salmon et al. 2011; identical to triton.language.philox).
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_M32 = 0xFFFFFFFF
+KIND_ACCEPT, KIND_RACE = 0, 1
+
+
+def rng_words(seed: int, offset: int):
+    """(key0, key1, c2 for kind 0, c2 for kind 1, c3) as Python ints in [0, 2^32)."""
+    s, o = seed & ((1 << 64) - 1), offset & ((1 << 64) - 1)
+    o_hi = o >> 32
+    return (s & _M32, s >> 32, (KIND_ACCEPT + 2 * o_hi) & _M32, (KIND_RACE + 2 * o_hi) & _M32,
+            o & _M32)
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of ``a * b`` for b in [0, 2^32), in int64 without overflow."""
+    lo = b * (a & 0xFFFF)  # < 2^48
+    mid = b * (a >> 16) + (lo >> 16)  # < 2^49: the product is mid * 2^16 + (lo & 0xFFFF)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (lo & 0xFFFF)
+
+
+def philox4x32(key0: int, key1: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values (broadcast together); 4 words out."""
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c) for c in (c0, c1, c2, c3)))
+    k0, k1 = key0, key1
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def accept_uniform(words, b: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+    """U in [0, 1) (fp32) of the acceptance test of child ``node`` in request ``b``."""
+    k0, k1, c2a, _, c3 = words
+    r = philox4x32(k0, k1, node.long(), b.long(), c2a, c3)[0]
+    return (r >> 8).to(torch.float32) * (2.0 ** -24)
+
+
+def race_exponentials(words, b: torch.Tensor, V: int) -> torch.Tensor:
+    """E ~ Exp(1) (fp32) ``[len(b), V]`` for the final race of requests ``b``."""
+    k0, k1, _, c2r, c3 = words
+    V4 = (V + 3) // 4
+    ctr = torch.arange(V4, device=b.device, dtype=torch.int64)[None, :]
+    r = torch.stack(philox4x32(k0, k1, ctr, b.long()[:, None], c2r, c3), dim=-1)  # [R, V4, 4]
+    r = r.reshape(b.shape[0], 4 * V4)[:, :V]
+    u = ((r >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
+    return -torch.log(u)
+
+
+def sanitize_parents(parents: torch.Tensor) -> torch.Tensor:
+    """int64 parents with every entry outside [0, i) replaced by -1 (the kernels' rule)."""
+    N = parents.shape[-1]
+    idx = torch.arange(N, device=parents.device)
+    p = parents.long()
+    return torch.where((p >= 0) & (p < idx), p, -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# verify_greedy
+# --------------------------------------------------------------------------------------------------
+
+
+def verify_greedy_ref(tokens, parents, target_ids):
+    """Vectorised greedy walk; returns (accept_index int32 [B, N], accept_len int32, next int64)."""
+    B, N = tokens.shape
+    dev = tokens.device
+    par = sanitize_parents(parents)
+    tok, tgt = tokens.long(), target_ids.long()
+    idx = torch.arange(N, device=dev)
+    acc = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    acc[:, 0] = 0
+    u = torch.zeros(B, dtype=torch.int64, device=dev)
+    n = torch.zeros(B, dtype=torch.int64, device=dev)
+    rows = torch.arange(B, device=dev)
+    for _ in range(N - 1):  # the path gains one node per step and has at most N nodes
+        want = tgt.gather(1, u[:, None])
+        match = (par == u[:, None]) & (tok == want)
+        has = match.any(1)
+        child = torch.where(match, idx, N).min(1).values
+        n = n + has.long()
+        acc[rows[has], n[has]] = child[has]
+        u = torch.where(has, child, u)
+    nxt = tgt.gather(1, u[:, None])[:, 0]
+    return acc.to(torch.int32), n.to(torch.int32), nxt
+
+
+# --------------------------------------------------------------------------------------------------
+# verify_sampling
+# --------------------------------------------------------------------------------------------------
+
+
+class _TorchRng:
+    """Baseline RNG (``rng="torch"``): torch's generator, seeded from (seed, offset)."""
+
+    def __init__(self, seed, offset, device):
+        self.g = torch.Generator(device=device)
+        self.g.manual_seed((seed * 1_000_003 + offset) & ((1 << 63) - 1))
+
+    def accept(self, b, node):
+        return torch.rand(b.shape, generator=self.g, device=b.device)
+
+    def race(self, b, V):
+        return torch.empty(b.shape[0], V, device=b.device).exponential_(generator=self.g)
+
+
+class _PhiloxRng:
+    def __init__(self, seed, offset):
+        self.words = rng_words(seed, offset)
+
+    def accept(self, b, node):
+        return accept_uniform(self.words, b, node)
+
+    def race(self, b, V):
+        return race_exponentials(self.words, b, V)
+
+
+def verify_sampling_ref(tokens, parents, target_probs, draft_probs, seed, offset, rng="philox",
+                        residual=True):
+    """Vectorised lossless tree verification (the algorithm in the module docstring).
+
+    ``rng="philox"`` (default) reproduces the C++ and Triton kernels' random streams;
+    ``rng="torch"`` draws from torch's generator instead (benchmark baseline: the plain vectorised
+    torch design without a counter-based RNG). ``residual=False`` is the classic bug -- rejected
+    children fall back to the *unmodified* target p, i.e. acceptance with p/q but no residual --
+    kept only so the statistical tests can show that they catch it.
+    """
+    B, N = tokens.shape
+    V = target_probs.shape[-1]
+    dev = tokens.device
+    R = _PhiloxRng(seed, offset) if rng == "philox" else _TorchRng(seed, offset, dev)
+    has_q = draft_probs is not None
+    par = sanitize_parents(parents)
+    tok = tokens.long()
+    tok = torch.where((tok >= 0) & (tok < V), tok, -1)
+    idx = torch.arange(N, device=dev)
+    rows = torch.arange(B, device=dev)
+    acc = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    acc[:, 0] = 0
+    u = torch.zeros(B, dtype=torch.int64, device=dev)
+    j = torch.zeros(B, dtype=torch.int64, device=dev)  # last tested child (children of u are > j)
+    n = torch.zeros(B, dtype=torch.int64, device=dev)
+    c = torch.zeros(B, dtype=torch.float32, device=dev)
+    S = torch.ones(B, dtype=torch.float32, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    for _ in range(N):  # each step tests one child per active request; <= N - 1 tests in all
+        is_child = par == u[:, None]
+        nxt = torch.where(is_child & (idx > j[:, None]), idx, N).min(1).values
+        active = active & (nxt < N)
+        if not bool(active.any()):
+            break
+        a = rows[active]
+        ua, xa = u[a], tok[a, nxt[a]]
+        xs = xa.clamp_min(0)
+        px = torch.where(xa >= 0, target_probs[a, ua, xs].float(), 0.0)
+        U = R.accept(a, nxt[a])
+        if has_q:
+            qx = torch.where(xa >= 0, draft_probs[a, ua, xs].float(), 0.0)
+            w = (px - c[a] * qx).clamp_min(0)
+            ok = (xa >= 0) & (U * qx * S[a] < w)
+        else:
+            earlier = is_child[a] & (idx < nxt[a, None]) & (tok[a] == xa[:, None])
+            w = torch.where(earlier.any(1), 0.0, px)
+            ok = (xa >= 0) & (U * S[a] < w)
+        rej = a[~ok]
+        acc_rows = a[ok]
+        n[acc_rows] += 1
+        acc[acc_rows, n[acc_rows]] = nxt[acc_rows]
+        u[acc_rows] = nxt[acc_rows]
+        c[acc_rows] = 0.0
+        S[acc_rows] = 1.0
+        j[a] = nxt[a]
+        if rej.numel() and residual:
+            if has_q:
+                c_new = c[rej] + S[rej]
+                more = (is_child[rej] & (idx > nxt[rej, None])).any(1)
+                need = rej[more]
+                if need.numel():
+                    pr = target_probs[need, u[need]].float()
+                    qr = draft_probs[need, u[need]].float()
+                    S[need] = (pr - c_new[more, None] * qr).clamp_min(0).sum(1)
+                c[rej] = c_new
+            else:
+                S[rej] = (S[rej] - w[~ok]).clamp_min(0)
+    # Final race at u: the correction from the residual, or the bonus token at a leaf.
+    p = target_probs[rows, u].float()
+    if has_q:
+        wf = (p - c[:, None] * draft_probs[rows, u].float()).clamp_min(0)
+    else:
+        wf = torch.cat([p, p.new_zeros(B, 1)], 1)
+        if residual:  # remove the (rejected) children's tokens of u; leaves have none
+            kids = torch.where((par == u[:, None]) & (tok >= 0), tok, V)
+            wf.scatter_(1, kids, 0.0)
+        wf = wf[:, :V]
+    E = R.race(rows, V)
+    key = wf / E
+    best = key.max(1)
+    fallback = (p / E).argmax(1)
+    nxt_tok = torch.where(best.values > 0, best.indices, fallback)
+    return acc.to(torch.int32), n.to(torch.int32), nxt_tok.long()
+
+
+def verify_sampling_literal(tokens, parents, target_probs, seed):
+    """The no-draft rule exactly as worded in API.md: at each node sample ``y ~ p_u`` (torch
+    multinomial), accept the lowest-index child whose token is ``y``, else emit ``y``.
+
+    A second, independently written oracle for ``draft_probs=None``: the tests check that the
+    op's output law matches it, which ties the sequential-acceptance formulation to the wording.
+    """
+    B, N = tokens.shape
+    dev = tokens.device
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed)
+    par = sanitize_parents(parents)
+    tok = tokens.long()
+    idx = torch.arange(N, device=dev)
+    rows = torch.arange(B, device=dev)
+    acc = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    acc[:, 0] = 0
+    u = torch.zeros(B, dtype=torch.int64, device=dev)
+    n = torch.zeros(B, dtype=torch.int64, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    y = torch.zeros(B, dtype=torch.int64, device=dev)
+    for _ in range(N):
+        y_new = torch.multinomial(target_probs[rows, u].float(), 1, generator=g)[:, 0]
+        y = torch.where(done, y, y_new)
+        match = (par == u[:, None]) & (tok == y[:, None])
+        child = torch.where(match, idx, N).min(1).values
+        step = ~done & (child < N)
+        done = done | ~step
+        n = n + step.long()
+        acc[rows[step], n[step]] = child[step]
+        u = torch.where(step, child, u)
+    return acc.to(torch.int32), n.to(torch.int32), y
+
+
+def verify_sampling_separate_pass(tokens, parents, target_probs, draft_probs, seed, offset):
+    """Benchmark baseline: the vLLM rejection-sampler design for chains, two Triton launches.
+
+    Pass 1 computes, for *every* node, the token that a rejection there would emit (an
+    exponential race over ``max(p - q, 0)``, or over p at the last node for the bonus token),
+    reading all ``B * N`` rows of p and q. Pass 2 runs the accept loop and picks. Lossless for
+    chains only (one child per node), like vLLM.
+    """
+    import triton
+
+    from ..kernels.verify import _separate_accept_kernel, _separate_recover_kernel
+
+    B, N = tokens.shape
+    V = target_probs.shape[-1]
+    dev = tokens.device
+    k0, k1, c2a, c2r, c3 = rng_words(seed, offset)
+    seed64 = (k1 << 32) | k0
+    seed64 = seed64 - (1 << 64) if seed64 >= (1 << 63) else seed64
+    has_q = draft_probs is not None
+    q = draft_probs if has_q else target_probs
+    recovered = torch.empty(B, N, dtype=torch.int32, device=dev)
+    block_v = min(4096, max(64, triton.next_power_of_2(V)))
+    _separate_recover_kernel[(B, N)](
+        tokens, q, target_probs, recovered, N, V, seed64, c2r, c3,
+        tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
+        recovered.stride(0), recovered.stride(1),
+        HAS_DRAFT=has_q, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+    acc = torch.empty(B, N, dtype=torch.int32, device=dev)
+    acc_len = torch.empty(B, dtype=torch.int32, device=dev)
+    nxt = torch.empty(B, dtype=torch.int64, device=dev)
+    _separate_accept_kernel[(B,)](
+        tokens, target_probs, q, recovered, acc, acc_len, nxt, N, V, seed64, c2a, c3,
+        tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
+        recovered.stride(0), recovered.stride(1), acc.stride(0), acc.stride(1),
+        HAS_DRAFT=has_q, BLOCK_N=max(16, triton.next_power_of_2(N)))
+    return acc, acc_len, nxt
+
+
+# --------------------------------------------------------------------------------------------------
+# match_branch
+# --------------------------------------------------------------------------------------------------
+
+
+def match_branch_ref(accept_index, accept_len, next_token, branch_anchor, branch_token):
+    """reuse[b] = lowest m with anchor == last accepted node and token == next_token, else -1."""
+    B, N = accept_index.shape
+    M = branch_anchor.shape[1]
+    dev = accept_index.device
+    ln = accept_len.long().clamp(0, max(N - 1, 0))
+    last = accept_index.long().gather(1, ln[:, None]) if N > 0 else torch.full((B, 1), -1, device=dev)
+    hit = (branch_anchor.long() == last) & (branch_anchor.long() >= 0) & \
+          (branch_token.long() == next_token.long()[:, None])
+    m = torch.where(hit, torch.arange(M, device=dev), M).min(1).values if M > 0 else \
+        torch.full((B,), M, device=dev, dtype=torch.int64)
+    return torch.where(m < M, m, -1).to(torch.int32)
