@@ -163,8 +163,10 @@ def test_add_inplace(name, device, ctx, out_dtype):
 
 
 @pytest.mark.parametrize("name, device, ctx", backends())
-def test_op_dispatch_both_backends(name, device, ctx):
-    args = make_case(12, 40, [8, 8, 4], [40, 16, 16], 8, 3, device=device)
+@pytest.mark.parametrize("E, ranks, k", [(8, [8, 8, 4], 3), (64, [16], 2), (40, [8], 40)])
+def test_op_dispatch_both_backends(name, device, ctx, E, ranks, k):
+    """Through torch.ops on each backend, whichever strategy the shape selects."""
+    args = make_case(12, 40, ranks, [40, 16, 16][: len(ranks)], E, k, device=device)
     with ctx():
         y = torch.ops.loramix.routed_lora(*args, 0.25)
     cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]

@@ -375,20 +375,35 @@ def routed_lora_two_launch(x, lora_a, lora_b, expert_ids, gates, scaling):
 # ------------------------------------------------------------------------------------------
 
 
-@torch.library.register_kernel("loramix::routed_lora", "cpu")
-def _routed_lora_cpu(x, lora_a, lora_b, expert_ids, gates, scaling):
+def routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
+    """The PyTorch path: the CPU kernel (and CUDA under ``LORAMIX_BACKEND=reference``).
+
+    Where the Triton path would run dense (small E*r, or dense routing) this is the dense masked
+    form on BLAS GEMMs, several times faster on CPU than looping over experts; otherwise the
+    per-expert loop, which computes only routed work. With ``out``, adds into it.
+    """
+    op = _OP if out is None else "routed_lora_add_"
+    T, d_in, E, k, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op=op)
+    if out is not None:
+        check_tensor(op, "out", out, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+        check_shape(op, "out", out, (T, d_out))
+    if choose_strategy(E, [a.shape[1] for a in lora_a], k) == "expert_sorted":
+        y = routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, keep_acc=out is not None)
+        return y if out is None else out.add_(y)
+    y = out if out is not None else torch.zeros(T, d_out, dtype=x.dtype, device=x.device)
+    if T and d_out and k:
+        _dense_gemm(x, lora_a, lora_b, expert_ids, gates, scaling, y, out is not None)
+    return y
+
+
+def _routed_lora_impl(x, lora_a, lora_b, expert_ids, gates, scaling):
     if _backend.use_triton(x):
         return routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling)
-    validate(x, lora_a, lora_b, expert_ids, gates, scaling)
-    return routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling)
+    return routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling)
 
 
-@torch.library.register_kernel("loramix::routed_lora", "cuda")
-def _routed_lora_cuda(x, lora_a, lora_b, expert_ids, gates, scaling):
-    if not _backend.use_triton(x):
-        validate(x, lora_a, lora_b, expert_ids, gates, scaling)
-        return routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling)
-    return routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling)
+torch.library.register_kernel("loramix::routed_lora", "cpu", _routed_lora_impl)
+torch.library.register_kernel("loramix::routed_lora", "cuda", _routed_lora_impl)
 
 
 @torch.library.register_fake("loramix::routed_lora")
@@ -400,11 +415,8 @@ def _routed_lora_fake(x, lora_a, lora_b, expert_ids, gates, scaling):
 def _routed_lora_add_impl(out, x, lora_a, lora_b, expert_ids, gates, scaling):
     if _backend.use_triton(x):
         routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=out)
-        return
-    T, _, _, _, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op="routed_lora_add_")
-    check_tensor("routed_lora_add_", "out", out, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    check_shape("routed_lora_add_", "out", out, (T, d_out))
-    out.add_(routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, keep_acc=True))
+    else:
+        routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=out)
 
 
 torch.library.register_kernel("loramix::routed_lora_add_", "cpu", _routed_lora_add_impl)
