@@ -9,7 +9,7 @@ expand (as every LoRA kernel does) plus the final rounding of y.
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loramix_kernels  # noqa: F401
@@ -121,6 +121,7 @@ def test_triton_splits(strategy, splits, k, out_dtype, ranks):
 
 
 @requires_triton
+@settings(max_examples=80)
 @given(
     T=st.sampled_from([0, 1, 2, 7, 16, 17, 40]),
     d_in=st.integers(1, 80),
@@ -325,6 +326,17 @@ def test_bad_out_for_add():
     x, A, B, ids, g = make_case(4, 16, [4], [8], 3, 2)
     with pytest.raises(ValueError, match="routed_lora_add_: out"):
         torch.ops.loramix.routed_lora_add_(torch.zeros(4, 9), x, A, B, ids, g, 1.0)
+
+
+@pytest.mark.parametrize("arg", ["lora_a", "lora_b", "expert_ids", "gates"])
+def test_device_mix_rejected_meta(arg):
+    """A tensor on another device (meta stands in for one on CPU-only machines) is named."""
+    x, A, B, ids, g = make_case(4, 16, [4], [8], 3, 2)
+    args = dict(x=x, lora_a=A, lora_b=B, expert_ids=ids, gates=g)
+    v = args[arg]
+    args[arg] = [t.to("meta") for t in v] if isinstance(v, list) else v.to("meta")
+    with pytest.raises(ValueError, match=f"routed_lora: {arg}.* must be on cpu"):
+        rl.validate(*args.values(), 1.0)
 
 
 @requires_cuda
