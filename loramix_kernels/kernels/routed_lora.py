@@ -70,6 +70,18 @@ def _shrink_dense(h, xk, a_ptr, kk, kmask, act, E, sae, sar, sak,
 
 
 @triton.jit
+def _write_tile(yp, acc, ymask, ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Partial sums (split-K, or several slots of one token) add atomically into an fp32 target;
+    a complete tile is stored once, or added to what ``out`` holds (``out +=``)."""
+    if ATOMIC:
+        tl.atomic_add(yp, acc, mask=ymask)
+    else:
+        if ACCUMULATE:
+            acc += tl.load(yp, mask=ymask, other=0.0).to(tl.float32)
+        tl.store(yp, acc.to(yp.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
 def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pid_n,
                   sbe, sbn, sbr, syt, syn,
                   R: tl.constexpr, ER: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
@@ -94,12 +106,7 @@ def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pi
         acc = _dot(hg, b, tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32), DOT_FP32, IEEE)
         yp = y_ptr + offs_t[:, None].to(tl.int64) * syt + (col + nn)[None, :].to(tl.int64) * syn
         ymask = tmask[:, None] & nmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(yp, acc, mask=ymask)
-        else:
-            if ACCUMULATE:
-                acc += tl.load(yp, mask=ymask, other=0.0).to(tl.float32)
-            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        _write_tile(yp, acc, ymask, ATOMIC, ACCUMULATE)
     return n_tiles
 
 
@@ -228,12 +235,7 @@ def _expand_rows(hg, b_ptr, e, y_ptr, tok, rmask, N, col, tile_base, pid_n,
         acc = _dot(hg, b, tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32), DOT_FP32, IEEE)
         yp = y_ptr + tok[:, None] * syt + (col + nn)[None, :].to(tl.int64) * syn
         ymask = rmask[:, None] & nmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(yp, acc, mask=ymask)
-        else:
-            if ACCUMULATE:
-                acc += tl.load(yp, mask=ymask, other=0.0).to(tl.float32)
-            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        _write_tile(yp, acc, ymask, ATOMIC, ACCUMULATE)
     return n_tiles
 
 

@@ -88,6 +88,18 @@ def _race_bits(seed, v0, b32, c2, c3, QV: tl.constexpr):
 
 
 @triton.jit
+def _race_tile(w, m, offs, seed, v0, b32, c2_race, c3, QV: tl.constexpr):
+    """Exponential race over one [QV, 4] vocabulary tile: (max of w / E, lowest index at the max)."""
+    bits = _race_bits(seed, v0, b32, c2_race, c3, QV)
+    e = -tl.log(((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07)  # 2^-23
+    # Flattened to 1-D so each tile costs two reductions (max, then lowest index at the max).
+    key = tl.reshape(tl.where(m, w / e, -1.0), [4 * QV])
+    t_best = tl.max(key, axis=0)
+    t_i = tl.min(tl.where(key == t_best, tl.reshape(offs, [4 * QV]), _BIG), axis=0)
+    return t_best, t_i
+
+
+@triton.jit
 def _residual_mass(p_row, q_row, c, V, stride_pv, stride_qv, QV: tl.constexpr):
     """S = sum_v max(p_v - c q_v, 0) over the row, in [QV, 4] tiles (fp32)."""
     offs0 = tl.arange(0, QV)[:, None] * 4 + tl.arange(0, 4)[None, :]
@@ -209,12 +221,7 @@ def _verify_sampling_kernel(
                 for jj in range(1, N):
                     tj = tl.max(tl.where(idx == jj, kid_tok, -1), axis=0)
                     w = tl.where(offs == tj, 0.0, w)
-        bits = _race_bits(seed, v0, b32, c2_race, c3, QV)
-        e = -tl.log(((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07)  # 2^-23
-        # Flattened to 1-D so each tile costs two reductions (max, then lowest index at the max).
-        key = tl.reshape(tl.where(m, w / e, -1.0), [4 * QV])
-        t_best = tl.max(key, axis=0)
-        t_i = tl.min(tl.where(key == t_best, tl.reshape(offs, [4 * QV]), _BIG), axis=0)
+        t_best, t_i = _race_tile(w, m, offs, seed, v0, b32, c2_race, c3, QV)
         upd = t_best > best
         best = tl.where(upd, t_best, best)
         best_i = tl.where(upd, t_i, best_i)
@@ -227,11 +234,7 @@ def _verify_sampling_kernel(
             offs = v0 + offs0
             m = offs < V
             p = tl.load(p_row + offs.to(tl.int64) * stride_pv, mask=m, other=0.0).to(tl.float32)
-            bits = _race_bits(seed, v0, b32, c2_race, c3, QV)
-            e = -tl.log(((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07)
-            key = tl.reshape(tl.where(m, p / e, -1.0), [4 * QV])
-            t_best = tl.max(key, axis=0)
-            t_i = tl.min(tl.where(key == t_best, tl.reshape(offs, [4 * QV]), _BIG), axis=0)
+            t_best, t_i = _race_tile(p, m, offs, seed, v0, b32, c2_race, c3, QV)
             upd = t_best > best_p
             best_p = tl.where(upd, t_best, best_p)
             out = tl.where(upd, t_i, out)

@@ -202,15 +202,18 @@ def _signed64(x: int) -> int:
     return x - (1 << 64) if x >= (1 << 63) else x
 
 
+def _alloc_outputs(B, N, dev):
+    """accept_index [B, N] int32, accept_len [B] int32, next_token [B] int64."""
+    return (torch.empty(B, N, dtype=torch.int32, device=dev), torch.empty(B, dtype=torch.int32, device=dev),
+            torch.empty(B, dtype=torch.int64, device=dev))
+
+
 def verify_greedy_forward(tokens, parents, target_ids):
     """Launcher: validate, allocate, one program per request."""
     from ..kernels.verify import _verify_greedy_kernel
 
     B, N = validate_greedy(tokens, parents, target_ids)
-    dev = tokens.device
-    acc = torch.empty(B, N, dtype=torch.int32, device=dev)
-    acc_len = torch.empty(B, dtype=torch.int32, device=dev)
-    nxt = torch.empty(B, dtype=torch.int64, device=dev)
+    acc, acc_len, nxt = _alloc_outputs(B, N, tokens.device)
     if B == 0:
         return acc, acc_len, nxt
     _verify_greedy_kernel[(B,)](
@@ -228,10 +231,7 @@ def verify_sampling_forward(tokens, parents, target_probs, draft_probs, seed, of
     from ..kernels.verify import _verify_sampling_kernel
 
     B, N, V = validate_sampling(tokens, parents, target_probs, draft_probs, seed, offset)
-    dev = tokens.device
-    acc = torch.empty(B, N, dtype=torch.int32, device=dev)
-    acc_len = torch.empty(B, dtype=torch.int32, device=dev)
-    nxt = torch.empty(B, dtype=torch.int64, device=dev)
+    acc, acc_len, nxt = _alloc_outputs(B, N, tokens.device)
     if B == 0:
         return acc, acc_len, nxt
     k0, k1, c2a, c2r, c3 = rng_words(seed, offset)
