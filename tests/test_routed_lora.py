@@ -183,6 +183,8 @@ def test_choose_strategy():
     assert rl.choose_strategy(64, [16], k=64) == "dense_gemm"         # soft routing, large E*r
     assert rl.choose_strategy(64, [64], k=32) == "dense_gemm"
     assert rl.choose_strategy(64, [1], k=64) == "token_major"
+    assert rl.choose_strategy(4, [64, 64, 64], k=2) == "token_major"   # 256 rows per slice
+    assert rl.choose_strategy(16, [16, 32], k=2) == "expert_sorted"    # 512 rows in one slice
 
 
 def test_dense_baseline_matches_oracle():

@@ -7,13 +7,17 @@ beyond ``NUM_SLICES`` is never touched). All accumulation is fp32.
 Kernels
 -------
 ``_routed_lora_token_major_kernel``  (strategy "token_major", small E*r)
-    Grid: ``cdiv(T, BLOCK_T) * NSPLIT * KSPLIT`` programs; program (token tile, column split, d_in
-    split). It builds the
-    per-tile gate matrix ``G[t, e*r+i] = sum_j g[t,j] [ids[t,j] == e]``, computes the shrink for all
-    experts at once ``H_s = x_tile @ A_s_cat^T`` (x tile read once for all slices; A rows of experts
-    that no token of the tile uses are masked off, so they are never read: at decode only the
-    active experts' weights move), then ``y_tile = (H_s * G_s * scaling) @ B_s_cat^T`` over the
-    column tiles of its split, one write of y (or one read-modify-write for ``out +=``).
+    Grid: ``cdiv(T, BLOCK_T) * NUM_SLICES * NSPLIT * KSPLIT`` programs; program (token tile, slice,
+    column share, d_in chunk). It builds the tile's gate matrix
+    ``G[t, e*r+i] = sum_j g[t,j] [ids[t,j] == e]``, computes the shrink for all experts at once
+    ``H = x_tile @ A_cat^T`` (A rows of experts that no token of the tile uses are masked off, so
+    they are never read: at decode only the active experts' weights move), then
+    ``y_tile = (H * G * scaling) @ B_cat^T`` over the column tiles of its share: every routed
+    contribution is summed before one write of y (or one read-modify-write for ``out +=``).
+    Slices run in parallel programs (adjacent ids, so a token tile's x comes from HBM once and from
+    L2 for the other slices), which keeps the register tile at BLOCK_T x E*r of ONE slice and lets
+    BLOCK_T grow to 128 at prefill: the weights are re-read from L2 once per token tile, so a tall
+    tile is what keeps that traffic below the HBM traffic.
     Decode split-K: y is linear in the shrink, y = sum_c (G * (x_c A_c^T)) B^T over d_in chunks c,
     so when a few token tiles cannot fill the GPU each program takes one d_in chunk (KSPLIT) and
     one column share (NSPLIT) and adds its partial y with fp32 atomics: every program reads only
@@ -82,23 +86,19 @@ def _write_tile(yp, acc, ymask, ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr):
 
 
 @triton.jit
-def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pid_n,
+def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, pid_n,
                   sbe, sbn, sbr, syt, syn,
                   R: tl.constexpr, ER: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
                   IEEE: tl.constexpr):
-    """y[tile, col + n] (+)= hg @ B_cat[n, :]^T over this split's share of the slice's column tiles.
-
-    Column tiles are numbered across all slices (``tile_base`` = tiles of the earlier slices) and
-    dealt round-robin to the NSPLIT programs of a token tile, so narrow k/v slices do not idle them.
-    """
+    """y[tile, col + n] (+)= hg @ B_cat[n, :]^T over this split's share (round robin) of the
+    slice's column tiles."""
     er = tl.arange(0, ER)
     e = er // R
     i = er % R
     rmask = (e < E) & (act > 0)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    first = (pid_n - tile_base % NSPLIT + NSPLIT) % NSPLIT
-    for t in range(first, n_tiles, NSPLIT):
+    for t in range(pid_n, n_tiles, NSPLIT):
         nn = t * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = nn < N
         b = tl.load(b_ptr + e[:, None].to(tl.int64) * sbe + nn[None, :].to(tl.int64) * sbn + i[:, None] * sbr,
@@ -107,7 +107,42 @@ def _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, tile_base, pi
         yp = y_ptr + offs_t[:, None].to(tl.int64) * syt + (col + nn)[None, :].to(tl.int64) * syn
         ymask = tmask[:, None] & nmask[None, :]
         _write_tile(yp, acc, ymask, ATOMIC, ACCUMULATE)
-    return n_tiles
+
+
+@triton.jit
+def _token_major_slice(
+    x_ptr, ids_ptr, gates_ptr, y_ptr, a_ptr, b_ptr,
+    offs_t, tmask, k_lo, k_hi, pid_n, E, K, N, col,
+    sxt, sxk, sit, sik, sgt, sgk, syt, syn, sae, sar, sak, sbe, sbn, sbr, scaling,
+    R: tl.constexpr, ER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    NSPLIT: tl.constexpr, ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One slice of one token tile: gate matrix, shrink over [k_lo, k_hi), expand, write."""
+    # Gate matrix and active-expert rows of this token tile. Out-of-range ids (never validated on
+    # CUDA) become -1 and so match no expert: they cannot address memory.
+    gm = tl.zeros((offs_t.shape[0], ER), dtype=tl.float32)
+    act = tl.zeros((ER,), dtype=tl.int32)
+    for j in range(0, K):
+        ids_j = tl.load(ids_ptr + offs_t * sit + j * sik, mask=tmask, other=-1)
+        g_j = tl.load(gates_ptr + offs_t * sgt + j * sgk, mask=tmask, other=0.0).to(tl.float32)
+        # Range test in the ids' own width (an int64 id of 2**32 + 3 must not wrap to expert 3).
+        ids_j = tl.where((ids_j >= 0) & (ids_j < E), ids_j, -1).to(tl.int32)
+        gm, act = _gate_rows(gm, act, ids_j, g_j, R, ER)
+
+    h = tl.zeros((offs_t.shape[0], ER), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < k_hi
+        xk = tl.load(x_ptr + offs_t[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
+                     mask=tmask[:, None] & kmask[None, :], other=0.0)
+        h = _shrink_dense(h, xk, a_ptr, kk, kmask, act, E, sae, sar, sak, R, ER, DOT_FP32, IEEE)
+
+    # Gate and scale in fp32, then feed the expand in the weights' dtype (tensor cores); the
+    # output accumulator stays fp32.
+    hg = (h * gm * scaling).to(b_ptr.dtype.element_ty)
+    _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, pid_n,
+                  sbe, sbn, sbr, syt, syn, R, ER, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE, DOT_FP32, IEEE)
 
 
 @triton.jit
@@ -129,65 +164,36 @@ def _routed_lora_token_major_kernel(
     IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # Splits of one token tile are adjacent program ids, so they run together and share x in L2.
-    pid_t = pid // (NSPLIT * KSPLIT)
+    # Program order (token tile, slice, column share, d_in chunk), the last fastest: the programs
+    # of one token tile are adjacent, run together, and read its x tile from HBM once (L2 serves
+    # the other slices' reads).
+    per_slice = NSPLIT * KSPLIT
+    pid_t = pid // (NUM_SLICES * per_slice)
+    pid_s = (pid // per_slice) % NUM_SLICES
     pid_n = (pid // KSPLIT) % NSPLIT
     pid_k = pid % KSPLIT
     offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
-
-    # Gate matrix and active-expert rows of this token tile. Out-of-range ids (never validated on
-    # CUDA) become -1 and so match no expert: they cannot address memory.
-    gm0 = tl.zeros((BLOCK_T, ER0), dtype=tl.float32)
-    gm1 = tl.zeros((BLOCK_T, ER1), dtype=tl.float32)
-    gm2 = tl.zeros((BLOCK_T, ER2), dtype=tl.float32)
-    act0 = tl.zeros((ER0,), dtype=tl.int32)
-    act1 = tl.zeros((ER1,), dtype=tl.int32)
-    act2 = tl.zeros((ER2,), dtype=tl.int32)
-    for j in range(0, K):
-        ids_j = tl.load(ids_ptr + offs_t * sit + j * sik, mask=tmask, other=-1)
-        g_j = tl.load(gates_ptr + offs_t * sgt + j * sgk, mask=tmask, other=0.0).to(tl.float32)
-        # Range test in the ids' own width (an int64 id of 2**32 + 3 must not wrap to expert 3).
-        ids_j = tl.where((ids_j >= 0) & (ids_j < E), ids_j, -1).to(tl.int32)
-        gm0, act0 = _gate_rows(gm0, act0, ids_j, g_j, R0, ER0)
-        if NUM_SLICES > 1:
-            gm1, act1 = _gate_rows(gm1, act1, ids_j, g_j, R1, ER1)
-        if NUM_SLICES > 2:
-            gm2, act2 = _gate_rows(gm2, act2, ids_j, g_j, R2, ER2)
-
-    # Shrink for every slice from one pass over x.
-    h0 = tl.zeros((BLOCK_T, ER0), dtype=tl.float32)
-    h1 = tl.zeros((BLOCK_T, ER1), dtype=tl.float32)
-    h2 = tl.zeros((BLOCK_T, ER2), dtype=tl.float32)
     # K_CHUNK is a multiple of BLOCK_K, so d_in chunks never overlap.
-    for k0 in range(pid_k * K_CHUNK, tl.minimum(D_IN, (pid_k + 1) * K_CHUNK), BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < D_IN
-        xk = tl.load(x_ptr + offs_t[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
-                     mask=tmask[:, None] & kmask[None, :], other=0.0)
-        h0 = _shrink_dense(h0, xk, a0_ptr, kk, kmask, act0, E, sa0e, sa0r, sa0k, R0, ER0, DOT_FP32, IEEE)
-        if NUM_SLICES > 1:
-            h1 = _shrink_dense(h1, xk, a1_ptr, kk, kmask, act1, E, sa1e, sa1r, sa1k, R1, ER1, DOT_FP32, IEEE)
-        if NUM_SLICES > 2:
-            h2 = _shrink_dense(h2, xk, a2_ptr, kk, kmask, act2, E, sa2e, sa2r, sa2k, R2, ER2, DOT_FP32, IEEE)
-
-    # Gate and scale in fp32, then feed the expand in the weights' dtype (tensor cores); the
-    # output accumulator stays fp32.
-    wdt = b0_ptr.dtype.element_ty
-    hg0 = (h0 * gm0 * scaling).to(wdt)
-    tiles = _expand_dense(hg0, act0, b0_ptr, y_ptr, offs_t, tmask, E, n0, col0, 0, pid_n,
-                          sb0e, sb0n, sb0r, syt, syn, R0, ER0, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
-                          DOT_FP32, IEEE)
+    k_lo = pid_k * K_CHUNK
+    k_hi = tl.minimum(D_IN, k_lo + K_CHUNK)
+    if pid_s == 0:
+        _token_major_slice(x_ptr, ids_ptr, gates_ptr, y_ptr, a0_ptr, b0_ptr, offs_t, tmask, k_lo, k_hi,
+                           pid_n, E, K, n0, col0, sxt, sxk, sit, sik, sgt, sgk, syt, syn,
+                           sa0e, sa0r, sa0k, sb0e, sb0n, sb0r, scaling, R0, ER0, BLOCK_K, BLOCK_N,
+                           NSPLIT, ATOMIC, ACCUMULATE, DOT_FP32, IEEE)
     if NUM_SLICES > 1:
-        hg1 = (h1 * gm1 * scaling).to(wdt)
-        tiles += _expand_dense(hg1, act1, b1_ptr, y_ptr, offs_t, tmask, E, n1, col1, tiles, pid_n,
-                               sb1e, sb1n, sb1r, syt, syn, R1, ER1, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
-                               DOT_FP32, IEEE)
+        if pid_s == 1:
+            _token_major_slice(x_ptr, ids_ptr, gates_ptr, y_ptr, a1_ptr, b1_ptr, offs_t, tmask, k_lo,
+                               k_hi, pid_n, E, K, n1, col1, sxt, sxk, sit, sik, sgt, sgk, syt, syn,
+                               sa1e, sa1r, sa1k, sb1e, sb1n, sb1r, scaling, R1, ER1, BLOCK_K, BLOCK_N,
+                               NSPLIT, ATOMIC, ACCUMULATE, DOT_FP32, IEEE)
     if NUM_SLICES > 2:
-        hg2 = (h2 * gm2 * scaling).to(wdt)
-        _expand_dense(hg2, act2, b2_ptr, y_ptr, offs_t, tmask, E, n2, col2, tiles, pid_n,
-                      sb2e, sb2n, sb2r, syt, syn, R2, ER2, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE,
-                      DOT_FP32, IEEE)
+        if pid_s == 2:
+            _token_major_slice(x_ptr, ids_ptr, gates_ptr, y_ptr, a2_ptr, b2_ptr, offs_t, tmask, k_lo,
+                               k_hi, pid_n, E, K, n2, col2, sxt, sxk, sit, sik, sgt, sgk, syt, syn,
+                               sa2e, sa2r, sa2k, sb2e, sb2n, sb2r, scaling, R2, ER2, BLOCK_K, BLOCK_N,
+                               NSPLIT, ATOMIC, ACCUMULATE, DOT_FP32, IEEE)
 
 
 # --------------------------------------------------------------------------------------------

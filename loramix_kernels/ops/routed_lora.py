@@ -5,11 +5,11 @@ pick a strategy and tiles and launch the Triton kernels, and the public function
 
 Strategy heuristic (documented choice, see ``choose_strategy``)
 ---------------------------------------------------------------
-* ``token_major`` when every slice's padded ``E * r`` is <= 256 and their sum is <= 512: the whole
-  ``[BLOCK_T, E*r]`` shrink result of a token tile fits in registers, so each x tile is read once
-  and every routed contribution is summed before one write of y — the HBM traffic floor
-  (x + active weights + y). The price is computing all E experts (masked by the gates): at
-  ``E*r <= 512`` the dense shrink stays below the H100 ridge point (~295 FLOP/B), i.e. free.
+* ``token_major`` when every slice's padded ``E * r`` is <= 256: the whole ``[BLOCK_T, E*r]``
+  shrink result of a token tile fits in registers, so x is read from HBM once and every routed
+  contribution is summed before one write of y: the HBM traffic floor (x + active weights + y).
+  The price is computing all E experts (masked by the gates): at ``E*r <= 256`` per slice the
+  dense shrink stays below the H100 ridge point (~295 FLOP/B), i.e. free.
 * ``dense_gemm`` when E*r is too large for registers and routing is dense or nearly so
   (``2 k >= E``, e.g. soft routing over 64 experts): every expert is computed anyway, so the work is
   two plain GEMMs ``((x A_cat^T) * gates) B_cat^T`` on cuBLAS, which no scatter kernel beats (the
@@ -107,8 +107,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 def choose_strategy(E: int, ranks, k: int = 1) -> str:
     """``token_major`` if the padded ``E * r`` rows of every slice fit the register budget, else
     ``dense_gemm`` for dense-ish routing (``2 k >= E``), else ``expert_sorted``."""
-    er = [_pow2(E * r) for r in ranks]
-    if max(er) <= 256 and sum(er) <= 512:
+    if max(_pow2(E * r) for r in ranks) <= 256:
         return "token_major"
     return "dense_gemm" if 2 * k >= E else "expert_sorted"
 
@@ -190,25 +189,25 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=N
     for idx in _groups(len(lora_a)):
         ptrs, ranks, widths, col, strides = _slice_args(lora_a, lora_b, idx, cols)
         er = [er_all[s] for s in idx] + [16] * (MAX_SLICES_PER_LAUNCH - len(idx))
-        er_total = sum(er[: len(idx)])
-        # Register budget: BLOCK_T * sum(ER) fp32 shrink results <= 16k (64 regs/thread at 8 warps).
-        cap = max(16, 1 << ((16384 // er_total).bit_length() - 1))
-        block_t = min(64, cap, _pow2(T))
-        # Shared memory: per pipeline stage an x tile plus BLOCK_K x sum(ER) of A, then an
-        # ER x BLOCK_N tile of B; keep it well under Hopper's 227 KB for the largest ER.
-        block_n = 32 if interp else (64 if max(er) > 128 else 128)
-        block_k = 32 if (interp or er_total > 256) else 64
-        n_tiles = sum(triton.cdiv(w, block_n) for w in widths[: len(idx)])
+        er_max = max(er[: len(idx)])
+        # Register budget: a BLOCK_T x ER fp32 shrink tile of <= 16k elements (64 regs/thread at
+        # 8 warps); at prefill that is BLOCK_T = 128 for E*r <= 128, the height that keeps the
+        # per-token-tile re-reads of the weights (from L2) below the x and y traffic.
+        block_t = min(128, 16384 // er_max, _pow2(T))
+        # Shared memory per pipeline stage: BLOCK_T x BLOCK_K of x and BLOCK_K x ER of A, then
+        # ER x BLOCK_N of B; <= ~180 KB of Hopper's 227 KB at the largest ER (tests/sm90_compile).
+        block_n = 32 if interp else (64 if er_max > 128 else 128)
+        block_k = 32 if (interp or er_max > 128) else 64
+        n_tiles = max(triton.cdiv(w, block_n) for w in widths[: len(idx)])
         n_t = triton.cdiv(T, block_t)
-        a_over_b = d_in * sum(ranks[: len(idx)]) / sum(r * w for r, w in zip(ranks, widths[: len(idx)]))
-        nsplit, ksplit, k_chunk = plan_splits(x, n_t, n_tiles, d_in, block_k, a_over_b, splits)
+        a_over_b = d_in * len(idx) / sum(widths[: len(idx)])
+        nsplit, ksplit, k_chunk = plan_splits(x, n_t * len(idx), n_tiles, d_in, block_k, a_over_b, splits)
         launches.append(dict(
-            args=(ptrs, widths, col, strides, k_chunk), grid=(n_t * nsplit * ksplit,),
+            args=(ptrs, widths, col, strides, k_chunk), grid=(n_t * len(idx) * nsplit * ksplit,),
             meta=dict(NUM_SLICES=len(idx), R0=ranks[0], R1=ranks[1], R2=ranks[2],
                       ER0=er[0], ER1=er[1], ER2=er[2], BLOCK_T=block_t, BLOCK_K=block_k,
                       BLOCK_N=block_n, NSPLIT=nsplit, KSPLIT=ksplit, ATOMIC=ksplit > 1,
-                      num_warps=8 if block_t * er_total > 4096 else 4,
-                      num_stages=2 if er_total > 256 else 3)))
+                      num_warps=8 if block_t * er_max > 4096 else 4, num_stages=3)))
     # One destination for every slice group (their columns are disjoint).
     dst = _destination(y, accumulate, any(ln["meta"]["ATOMIC"] for ln in launches))
     for ln in launches:
