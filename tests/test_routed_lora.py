@@ -40,17 +40,21 @@ def oracle(x, lora_a, lora_b, ids, gates, scaling):
 def make_case(T, d_in, ranks, d_outs, E, k, dtype=torch.float32, device="cpu", empty_frac=0.2,
               seed=0, noncontig=False, dense=False, idx_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(T, d_in * (2 if noncontig else 1), generator=g)
+    xs = torch.randn(T, d_in * (2 if noncontig else 1), generator=g).to(device=device, dtype=dtype)
     x = xs[:, ::2] if noncontig else xs
-    lora_a = [torch.randn(E, r, d_in, generator=g) / d_in ** 0.5 for r in ranks]
-    lora_b = [torch.randn(E, o, r, generator=g) / r ** 0.5 for r, o in zip(ranks, d_outs)]
+    if noncontig:  # weights as transposed views too (strides are passed to the kernels)
+        lora_a = [torch.randn(E, d_in, r, generator=g).transpose(1, 2) / d_in ** 0.5 for r in ranks]
+        lora_b = [torch.randn(o, E, r, generator=g).transpose(0, 1) / r ** 0.5 for r, o in zip(ranks, d_outs)]
+    else:
+        lora_a = [torch.randn(E, r, d_in, generator=g) / d_in ** 0.5 for r in ranks]
+        lora_b = [torch.randn(E, o, r, generator=g) / r ** 0.5 for r, o in zip(ranks, d_outs)]
     if dense:
         ids = torch.arange(E).repeat(T, 1)[:, :k]
     else:
         ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k)
         ids = torch.where(torch.rand(T, k, generator=g) < empty_frac, -1, ids.long())
     gates = torch.rand(T, k, generator=g)
-    cvt = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    cvt = lambda t: t.to(device=device, dtype=dtype) if t.device.type != device or t.dtype != dtype else t  # noqa: E731
     return (cvt(x), [cvt(a) for a in lora_a], [cvt(b) for b in lora_b],
             ids.to(device=device, dtype=idx_dtype), gates.to(device))
 
