@@ -33,37 +33,50 @@ _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", tor
 _seen = {}
 
 
+def _resource_usage(ptx: str) -> dict:
+    """Registers per thread, stack frame and register-spill bytes, from ``ptxas -v`` for sm_90a
+    (the ptxas that ships with triton and reads the PTX version it emits)."""
+    import re
+    import subprocess
+    import tempfile
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    tool = next((os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
+                 if os.path.exists(os.path.join(bin_dir, n))), "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([tool, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
+    return {"regs": num(r"Used (\d+) registers"), "stack": num(r"(\d+) bytes stack frame"),
+            "spill_stores": num(r"(\d+) bytes spill stores"), "spill_loads": num(r"(\d+) bytes spill loads")}
+
+
 def _aot_run(self, *args, grid, warmup, **kwargs):
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    names = [p.name for p in self.params]
-    vals = dict(zip(names, args))
-    vals.update(kwargs)
-    sig, const = {}, {}
-    for p in self.params:
-        v = vals[p.name] if p.name in vals else p.default
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            const[p.name] = v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + _TY[v.dtype]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32" if -(2 ** 31) <= v < 2 ** 31 else "i64"
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        elif v is None:
-            sig[p.name] = "constexpr"
-            const[p.name] = None
-        else:
-            raise TypeError(f"{self.__name__}: cannot type argument {p.name}={v!r}")
-    key = (self.__name__, json.dumps({k: str(v) for k, v in const.items()}, sort_keys=True), str(opts))
+    """Stands in for JITFunction.run: the same argument specialisation as a real launch (ints equal
+    to 1 become constants, 16-divisible ints and aligned pointers get divisibility hints, which
+    decide vectorisation and so register use), then a compile for sm_90 instead of a launch."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(self.signature, self.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
+    const = {self.params[path[0]].name: v for path, v in constexprs.items() if len(path) == 1}
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    key = (self.__name__, json.dumps({k: str(v) for k, v in const.items()}, sort_keys=True), str(opts),
+           str(sorted(attrs.items())))
     if key not in _seen:
-        src = ASTSource(fn=self, signature=sig, constexprs=const)
-        compiled = triton.compile(src, target=TARGET, options=opts)
+        src = ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=TARGET, options=options.__dict__)
         _seen[key] = {"kernel": self.__name__, "shared": compiled.metadata.shared,
-                      "num_warps": compiled.metadata.num_warps,
-                      "num_stages": opts.get("num_stages"), "constexprs": {k: str(v) for k, v in const.items()}}
+                      **_resource_usage(compiled.asm["ptx"]),
+                      "num_warps": compiled.metadata.num_warps, "num_stages": opts.get("num_stages"),
+                      "constexprs": {k: str(v) for k, v in const.items()
+                                     if self.params[self.arg_names.index(k)].is_constexpr}}
         print(json.dumps(_seen[key]), flush=True)
     return None
 
@@ -87,6 +100,18 @@ def scenarios():
                 rl.routed_lora_two_launch(x, A, B, ids, g, 1.0)
         return go
 
+    def routed_bwd(T, E, r, k, widths, d_in=4096):
+        def go():
+            dt = torch.bfloat16
+            x = torch.zeros(T, d_in, dtype=dt)
+            A = [torch.zeros(E, r, d_in, dtype=dt) for _ in widths]
+            B = [torch.zeros(E, w, r, dtype=dt) for w in widths]
+            ids = torch.arange(T * k, dtype=torch.int32).reshape(T, k) % E
+            assert rl.choose_strategy(E, [r] * len(widths), k) == "expert_sorted"
+            dy = torch.zeros(T, sum(widths), dtype=dt)
+            rl.routed_lora_backward_sorted(dy, x, A, B, ids, torch.ones(T, k), 1.0)
+        return go
+
     from loramix_kernels.ops import tree as tr
 
     def tree_attn(D, N, Hq, Hkv, num_splits, B=2, block=16, blocks=64):
@@ -103,7 +128,7 @@ def scenarios():
     def build(N):
         return lambda: tr.build_tree_forward(torch.arange(-1, N - 1).repeat(2, 1))
 
-    tree = [build(n) for n in (16, 256, 1000)]
+    tree = [build(n) for n in (16, 64, 256)]
     for D in (64, 128, 256):
         for N, Hq, Hkv in ((16, 32, 8), (64, 32, 8), (7, 8, 8), (64, 8, 1), (1, 8, 1)):
             for ns in (1, 4):
@@ -152,6 +177,12 @@ def scenarios():
             routed(64, 8, 16, 8, [4096], add=True), routed(2048, 64, 16, 3, qkv, "expert_sorted"),
             routed(16, 64, 64, 1, [4096], "expert_sorted"), routed(2048, 8, 64, 2, [4096]),
             routed(16, 4, 64, 2, qkv, "token_major"), routed(64, 64, 1, 64, [4096]),
+        ],
+        # expert_sorted backward: prefill (BLOCK_M 64, no split), decode (BLOCK_M 16, KSPLIT /
+        # NSPLIT shares), and rank 64 (the largest register tiles of dh / h)
+        "routed_lora_backward": [
+            routed_bwd(2048, 64, 16, 3, qkv), routed_bwd(16, 64, 16, 3, qkv),
+            routed_bwd(2048, 8, 64, 2, [4096]),
         ],
     }
 

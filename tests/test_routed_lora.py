@@ -374,3 +374,175 @@ def test_cuda_bench_shapes(T, E, r, k):
     y = torch.ops.loramix.routed_lora(*args, 1.0)
     cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
     assert_close_scaled(y.cpu(), oracle(*cpu, 1.0), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------
+# Triton backward of the expert-sorted regime (routed_lora_backward_sorted)
+# ------------------------------------------------------------------------------------------
+
+
+def _to_cpu(args):
+    return [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+
+
+def _oracle_grads(args, dy, scaling):
+    """float64 autograd through ``oracle``: (dx, [dA_s], [dB_s], d_gates)."""
+    x, A, B, ids, g = _to_cpu(args)
+    n = len(A)
+    leaves = [t.double().requires_grad_(True) for t in (x, *A, *B, g)]
+    yo = oracle(leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n], ids, leaves[-1], scaling)
+    got = torch.autograd.grad(yo, leaves, dy.cpu().double(), allow_unused=True)
+    got = [torch.zeros_like(t) if d is None else d for d, t in zip(got, leaves)]
+    return got[0], got[1:1 + n], got[1 + n:1 + 2 * n], got[-1]
+
+
+def assert_grads_close(got, expect, dtype):
+    """Each gradient against the float64 one, TOL scaled by that gradient's own magnitude."""
+    atol, rtol = TOL[dtype]
+    gx, ga, gb, gg = got
+    ex, ea, eb, eg = expect
+    names = ["dx"] + [f"dA[{s}]" for s in range(len(ga))] + [f"dB[{s}]" for s in range(len(gb))] + ["d_gates"]
+    for name, a, b in zip(names, [gx, *ga, *gb, gg], [ex, *ea, *eb, eg]):
+        assert a.shape == b.shape, name
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a.cpu().double(), b, atol=atol * max(scale, 1e-3), rtol=rtol,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def _sorted_case(T, d_in, ranks, d_outs, E, k, dtype=torch.float32, dup=False, seed=0, **kw):
+    assert rl.choose_strategy(E, ranks, k) == "expert_sorted"
+    args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=TRITON_DEVICE, seed=seed, **kw)
+    if dup and k > 1 and T:  # the same expert in two slots of a token (gates add in the forward)
+        args[3][:, 1] = args[3][:, 0]
+    dy = torch.randn(T, sum(d_outs), generator=torch.Generator().manual_seed(seed + 1))
+    return args, dy.to(device=TRITON_DEVICE, dtype=dtype)
+
+
+SORTED_BWD_CASES = [
+    # T, d_in, ranks, d_outs, E, k, dup
+    (0, 40, [64], [24], 8, 2, False),                      # no tokens
+    (1, 50, [32, 8], [40, 24], 64, 1, False),              # one token, k = 1
+    (7, 70, [4, 16, 3], [50, 20, 33], 64, 3, True),        # packed q/k/v, odd T, duplicate experts
+    (9, 45, [64], [37], 8, 3, False),                      # rank 64 (RP 64), d_in / d_out off tiles
+    (5, 33, [5, 6, 7, 9], [8, 9, 10, 11], 64, 2, False),   # 4 slices: two launch groups
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T, d_in, ranks, d_outs, E, k, dup", SORTED_BWD_CASES)
+def test_triton_backward_sorted_matches_oracle(dtype, T, d_in, ranks, d_outs, E, k, dup):
+    args, dy = _sorted_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, dup=dup)
+    got = rl.routed_lora_backward_sorted(dy, *args, 0.7)
+    assert got[0].dtype == dtype and all(t.dtype == dtype for t in got[1] + got[2])
+    assert got[3].dtype == args[4].dtype and got[3].shape == (T, k)
+    assert_grads_close(got, _oracle_grads(args, dy, 0.7), dtype)
+    if T:  # empty slots get a zero gate gradient
+        assert (got[3].cpu()[args[3].cpu() < 0] == 0).all()
+
+
+@requires_triton
+@pytest.mark.parametrize("splits", [(3, 2), (1, 4), (5, 1)])
+def test_triton_backward_sorted_splits(splits):
+    """Column / d_in shares (NSPLIT) of the expand and split-K (KSPLIT, fp32 atomics into h, u) of
+    the shrink give the same gradients."""
+    args, dy = _sorted_case(6, 100, [8, 16, 4], [40, 24, 33], 64, 3, dup=True, seed=3)
+    got = rl.routed_lora_backward_sorted(dy, *args, 1.3, splits=splits)
+    assert_grads_close(got, _oracle_grads(args, dy, 1.3), torch.float32)
+
+
+@requires_triton
+def test_triton_backward_sorted_noncontiguous():
+    """Strided x / weights (transposed views) and a non-contiguous grad_y."""
+    args, _ = _sorted_case(5, 40, [16, 32], [24, 17], 64, 2, seed=5, noncontig=True)
+    dy = torch.randn(41, 5, device=TRITON_DEVICE).t()  # [5, 41], strides (1, 5)
+    assert not dy.is_contiguous()
+    got = rl.routed_lora_backward_sorted(dy, *args, 0.5)
+    assert_grads_close(got, _oracle_grads(args, dy, 0.5), torch.float32)
+
+
+@requires_triton
+@settings(max_examples=10)
+@given(
+    T=st.sampled_from([0, 1, 3, 8]),
+    d_in=st.integers(1, 70),
+    slices=st.lists(st.tuples(st.sampled_from([1, 3, 8, 16, 40, 64]), st.integers(1, 50)),
+                    min_size=1, max_size=3),
+    E=st.sampled_from([8, 13, 64]),
+    k=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    dup=st.booleans(),
+    idx_dtype=st.sampled_from([torch.int32, torch.int64]),
+    splits=st.sampled_from([None, (2, 3)]),
+    seed=st.integers(0, 2 ** 16),
+)
+def test_triton_backward_sorted_hypothesis(T, d_in, slices, E, k, dtype, dup, idx_dtype, splits, seed):
+    ranks = [r for r, _ in slices]
+    d_outs = [o for _, o in slices]
+    if rl.choose_strategy(E, ranks, k) != "expert_sorted":
+        ranks[0] = 64  # E * 64 >= 512 rows: always the expert-sorted regime (2 k < E holds)
+    args, dy = _sorted_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, dup=dup, seed=seed,
+                            idx_dtype=idx_dtype)
+    got = rl.routed_lora_backward_sorted(dy, *args, 0.9, splits=splits)
+    assert_grads_close(got, _oracle_grads(args, dy, 0.9), dtype)
+
+
+@requires_triton
+def test_triton_backward_sorted_through_autograd(monkeypatch):
+    """torch.ops.loramix.routed_lora on the Triton path at an expert-sorted shape: the backward op
+    runs the sorted kernels (the per-expert loop is not called) and matches the oracle's grads."""
+    def no_loop(*a, **kw):
+        raise AssertionError("the Triton path must not run the per-expert loop")
+
+    monkeypatch.setattr(rl, "routed_lora_backward_ref", no_loop)
+    args, dy = _sorted_case(9, 48, [16, 8], [32, 16], 64, 3, dup=True, seed=7)
+    x, A, B, ids, g = args
+    leaves = [t.clone().requires_grad_(True) for t in (x, *A, *B, g)]
+    with triton_path():
+        y = torch.ops.loramix.routed_lora(leaves[0], leaves[1:3], leaves[3:5], ids, leaves[5], 0.5)
+    grads = torch.autograd.grad(y, leaves, dy)
+    expect = _oracle_grads(args, dy, 0.5)
+    assert_grads_close((grads[0], grads[1:3], grads[3:5], grads[5]), expect, torch.float32)
+
+
+@requires_triton
+def test_triton_backward_sorted_opcheck():
+    args, dy = _sorted_case(3, 40, [64, 8], [16, 24], 8, 2, seed=9)
+    with triton_path():
+        torch.library.opcheck(torch.ops.loramix.routed_lora_backward.default, (dy, *args, 0.5))
+
+
+@requires_triton
+def test_triton_backward_sorted_out_of_range_ids(monkeypatch):
+    """Unvalidated ids outside [0, E) (as on CUDA) are empty slots: no gradient, no OOB access."""
+    args, dy = _sorted_case(6, 32, [64], [24], 8, 3, empty_frac=0.0, seed=11)
+    x, A, B, ids, g = args
+    bad = ids.clone()
+    bad[0, 0], bad[2, 1], bad[4, 2], bad[5, 0] = 8, 1 << 20, -5, (1 << 32) + 1
+    monkeypatch.setattr(_backend, "check_values", lambda t: False)
+    got = rl.routed_lora_backward_sorted(dy, x, A, B, bad, g, 1.0)
+    masked = torch.where((bad >= 0) & (bad < 8), bad, -1)
+    assert_grads_close(got, _oracle_grads((x, A, B, masked, g), dy, 1.0), torch.float32)
+    assert (got[3].cpu()[masked.cpu() < 0] == 0).all()
+
+
+@requires_cuda
+def test_cuda_graph_capture_backward_sorted():
+    """No host sync in the sorted backward: it can be captured in a CUDA graph and replayed."""
+    args, dy = _sorted_case(32, 256, [16, 16], [256, 64], 64, 3, dtype=torch.bfloat16)
+    rl.routed_lora_backward_sorted(dy, *args, 1.0)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = rl.routed_lora_backward_sorted(dy, *args, 1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_grads_close(got, _oracle_grads(args, dy, 1.0), torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [16, 2048])
+def test_cuda_backward_sorted_bench_shapes(T):
+    args, dy = _sorted_case(T, 1024, [16, 16, 16], [1024, 256, 256], 64, 3, dtype=torch.bfloat16)
+    got = rl.routed_lora_backward_sorted(dy, *args, 1.0)
+    assert_grads_close(got, _oracle_grads(args, dy, 1.0), torch.bfloat16)

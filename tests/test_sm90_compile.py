@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for Hopper (sm_90) at the launchers' real GPU tile choices, within
-the H100's shared-memory limit. Runs on CPU: see tests/sm90_compile.py."""
+the H100's shared-memory limit and without register spills. Runs on CPU: see tests/sm90_compile.py."""
 
 import json
 import os
@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {
     "routed_lora": {"_routed_lora_token_major_kernel", "_routed_lora_sorted_kernel",
                     "_sorted_shrink_kernel", "_sorted_expand_kernel"},
+    "routed_lora_backward": {"_routed_lora_bwd_shrink_kernel", "_routed_lora_bwd_expand_kernel"},
     "tree": {"_build_tree_kernel", "_tree_attn_fwd_kernel", "_tree_attn_merge_kernel"},
     "verify": {"_verify_greedy_kernel", "_verify_sampling_kernel", "_match_branch_kernel",
                "_separate_recover_kernel", "_separate_accept_kernel", "_compact_kv_kernel"},
@@ -32,3 +33,7 @@ def test_kernels_compile_for_sm90(scenario):
     assert {r["kernel"] for r in rows} >= EXPECTED[scenario]
     for r in rows:
         assert r["shared"] <= SM90_SMEM, r
+        # Register spills (local-memory traffic in the inner loops) are a tile-table bug; ptxas
+        # sometimes parks a scalar or two on the stack even at low register use (4-byte spills at
+        # 80 registers), which costs nothing, hence the few bytes of slack.
+        assert r["spill_stores"] <= 16, r

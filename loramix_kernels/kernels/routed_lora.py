@@ -31,6 +31,11 @@ Kernels
 ``_sorted_shrink_kernel`` / ``_sorted_expand_kernel``
     The same computation split into two launches with an fp32 [pairs, r] intermediate in global
     memory: the vLLM shrink/expand design, kept as a benchmark baseline.
+``_routed_lora_bwd_shrink_kernel`` / ``_routed_lora_bwd_expand_kernel``  (backward, expert_sorted)
+    Same sorted blocks. The first recomputes h = A_s[e] x and u = B_s[e]^T dy per sorted row into
+    an fp32 [pairs, sum r] workspace (split-K with atomics at decode); the second gives d_gates
+    (one writer per pair), dx and dA over d_in tiles and dB over d_out tiles, dealt round robin to
+    NSPLIT programs per block, with fp32 atomics (see the section at the end of this file).
 """
 
 import triton
@@ -51,13 +56,23 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gate_rows(gm, hit, ids_j, g_j, R: tl.constexpr, ER: tl.constexpr):
-    """Add slot j's gate to the rows ``e*R + i`` of its expert; mark the expert's rows active."""
-    e = tl.arange(0, ER) // R
-    m = ids_j[:, None] == e[None, :]
-    gm += tl.where(m, g_j[:, None], 0.0)
-    hit = tl.maximum(hit, tl.max(m.to(tl.int32), axis=0))
-    return gm, hit
+def _slot_ids(ids_ptr, offs_t, tmask, E, j, sit, sik):
+    """Expert ids of slot j for a token tile; out-of-range ids (never validated on CUDA) become -1
+    and so match no expert: they cannot address memory. The range test runs in the ids' own width
+    (an int64 id of 2**32 + 3 must not wrap to expert 3)."""
+    ids_j = tl.load(ids_ptr + offs_t * sit + j * sik, mask=tmask, other=-1)
+    return tl.where((ids_j >= 0) & (ids_j < E), ids_j, -1).to(tl.int32)
+
+
+@triton.jit
+def _active_rows(ids_ptr, offs_t, tmask, E, K, sit, sik, R: tl.constexpr, ER: tl.constexpr):
+    """[ER] flags: row e*R + i belongs to an expert that some token of the tile routes to."""
+    e_row = tl.arange(0, ER) // R
+    act = tl.zeros((ER,), dtype=tl.int32)
+    for j in range(0, K):
+        ids_j = _slot_ids(ids_ptr, offs_t, tmask, E, j, sit, sik)
+        act = tl.maximum(act, tl.max((ids_j[:, None] == e_row[None, :]).to(tl.int32), axis=0))
+    return act
 
 
 @triton.jit
@@ -118,18 +133,10 @@ def _token_major_slice(
     NSPLIT: tl.constexpr, ATOMIC: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """One slice of one token tile: gate matrix, shrink over [k_lo, k_hi), expand, write."""
-    # Gate matrix and active-expert rows of this token tile. Out-of-range ids (never validated on
-    # CUDA) become -1 and so match no expert: they cannot address memory.
-    gm = tl.zeros((offs_t.shape[0], ER), dtype=tl.float32)
-    act = tl.zeros((ER,), dtype=tl.int32)
-    for j in range(0, K):
-        ids_j = tl.load(ids_ptr + offs_t * sit + j * sik, mask=tmask, other=-1)
-        g_j = tl.load(gates_ptr + offs_t * sgt + j * sgk, mask=tmask, other=0.0).to(tl.float32)
-        # Range test in the ids' own width (an int64 id of 2**32 + 3 must not wrap to expert 3).
-        ids_j = tl.where((ids_j >= 0) & (ids_j < E), ids_j, -1).to(tl.int32)
-        gm, act = _gate_rows(gm, act, ids_j, g_j, R, ER)
-
+    """One slice of one token tile: active experts, shrink over [k_lo, k_hi), gates, expand."""
+    # Active-expert rows of this token tile, then the shrink; the [BLOCK_T, ER] gate matrix is
+    # built only afterwards so that it is not live (in registers) across the shrink loop.
+    act = _active_rows(ids_ptr, offs_t, tmask, E, K, sit, sik, R, ER)
     h = tl.zeros((offs_t.shape[0], ER), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -138,9 +145,15 @@ def _token_major_slice(
                      mask=tmask[:, None] & kmask[None, :], other=0.0)
         h = _shrink_dense(h, xk, a_ptr, kk, kmask, act, E, sae, sar, sak, R, ER, DOT_FP32, IEEE)
 
-    # Gate and scale in fp32, then feed the expand in the weights' dtype (tensor cores); the
-    # output accumulator stays fp32.
-    hg = (h * gm * scaling).to(b_ptr.dtype.element_ty)
+    # Gate and scale in fp32 (slot by slot, straight into h), then feed the expand in the
+    # weights' dtype (tensor cores); the output accumulator stays fp32.
+    hg = tl.zeros((offs_t.shape[0], ER), dtype=tl.float32)
+    e_row = tl.arange(0, ER) // R
+    for j in range(0, K):
+        ids_j = _slot_ids(ids_ptr, offs_t, tmask, E, j, sit, sik)
+        g_j = tl.load(gates_ptr + offs_t * sgt + j * sgk, mask=tmask, other=0.0).to(tl.float32)
+        hg += tl.where(ids_j[:, None] == e_row[None, :], h * g_j[:, None], 0.0)
+    hg = (hg * scaling).to(b_ptr.dtype.element_ty)
     _expand_dense(hg, act, b_ptr, y_ptr, offs_t, tmask, E, N, col, pid_n,
                   sbe, sbn, sbr, syt, syn, R, ER, BLOCK_N, NSPLIT, ATOMIC, ACCUMULATE, DOT_FP32, IEEE)
 
@@ -357,3 +370,246 @@ def _sorted_expand_kernel(
                 mask=rmask[:, None] & (i < R)[None, :], other=0.0)
     _expand_rows(h.to(b_ptr.dtype.element_ty), b_ptr, e, y_ptr, tok, rmask, N, col, 0, pid_n,
                  sbe, sbn, sbr, syt, syn, R, RP, BLOCK_N, NSPLIT, True, False, DOT_FP32, IEEE)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward of the expert-sorted regime (no host sync, fixed grids over the same sorted blocks)
+# --------------------------------------------------------------------------------------------
+#
+# With h_s = A_s[e] x_t, u_s = B_s[e]^T dy_t,s and w = scaling * g for a pair (t, j) of expert e:
+#   d_gates[t, j] = scaling * sum_s <u_s, h_s>,   dx[t] += w A_s[e]^T u_s,
+#   dA_s[e] += w u_s x_t^T,                        dB_s[e] += w dy_t,s h_s^T.
+# Two launches per group of <= 3 slices:
+# ``_routed_lora_bwd_shrink_kernel`` computes h and u of every sorted row (both are full
+#   reductions, over d_in and over d_out) into an fp32 [pairs, sum r] workspace; at decode its
+#   (tile) loops are split KSPLIT ways with fp32 atomics, like the forward's split-K.
+# ``_routed_lora_bwd_expand_kernel`` reads them back and produces d_gates (share 0 of each block:
+#   one writer per pair), dx and dA over d_in tiles and dB over d_out tiles; a block's tiles are
+#   dealt round robin to NSPLIT programs. dA / dB are shared by every block of an expert and dx by
+#   the k slots of a token, so all three are added with fp32 atomics into zeroed workspaces.
+
+
+@triton.jit
+def _a_tile(a_base, kk, kmask, sar, sak, R, RP: tl.constexpr):
+    """A[e, :, kk] as a [RP, BLOCK_K] tile (rows >= R are zero)."""
+    i = tl.arange(0, RP)
+    return tl.load(a_base + i[:, None] * sar + kk[None, :].to(tl.int64) * sak,
+                   mask=(i < R)[:, None] & kmask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(p_ptr, rows, rmask, ro, shw, v, R, RP: tl.constexpr, ATOMIC: tl.constexpr):
+    """Rows ``rows`` of an fp32 workspace, columns [ro, ro + R)."""
+    i = tl.arange(0, RP)
+    p = p_ptr + rows[:, None].to(tl.int64) * shw + (ro + i)[None, :]
+    m = rmask[:, None] & (i < R)[None, :]
+    if ATOMIC:
+        tl.atomic_add(p, v, mask=m)
+    else:
+        tl.store(p, v, mask=m)
+
+
+@triton.jit
+def _load_rows(p_ptr, rows, rmask, ro, shw, R, RP: tl.constexpr):
+    i = tl.arange(0, RP)
+    return tl.load(p_ptr + rows[:, None].to(tl.int64) * shw + (ro + i)[None, :],
+                   mask=rmask[:, None] & (i < R)[None, :], other=0.0)
+
+
+@triton.jit
+def _shrink_dy_rows(dy_ptr, tok, rmask, b_ptr, e, N, col, tile_base, pid_k, syt, syn, sbe, sbn, sbr,
+                    R, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    KSPLIT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """u[BLOCK_M, RP] = dy[tok, col + n] @ B[e, n, :] over this split's share of the column tiles."""
+    i = tl.arange(0, RP)
+    imask = i < R
+    b_base = b_ptr + e.to(tl.int64) * sbe
+    u = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    first = (pid_k - tile_base % KSPLIT + KSPLIT) % KSPLIT
+    for t in range(first, n_tiles, KSPLIT):
+        nn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = nn < N
+        b = tl.load(b_base + nn[:, None].to(tl.int64) * sbn + i[None, :] * sbr,
+                    mask=nmask[:, None] & imask[None, :], other=0.0)
+        dyt = tl.load(dy_ptr + tok[:, None] * syt + (col + nn)[None, :].to(tl.int64) * syn,
+                      mask=rmask[:, None] & nmask[None, :], other=0.0)
+        u = _dot(dyt.to(b.dtype), b, u, DOT_FP32, IEEE)
+    return u, n_tiles
+
+
+@triton.jit
+def _routed_lora_bwd_shrink_kernel(
+    x_ptr, dy_ptr, gates_ptr, h_ptr, u_ptr,
+    order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+    a0_ptr, b0_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
+    D_IN, E, K,
+    r0, r1, r2, n0, n1, n2, col0, col1, col2, ro0, ro1, ro2,
+    sxt, sxk, syt, syn, sgt, sgk, shw,
+    sa0e, sa0r, sa0k, sb0e, sb0n, sb0r,
+    sa1e, sa1r, sa1k, sb1e, sb1n, sb1r,
+    sa2e, sa2r, sa2k, sb2e, sb2n, sb2r,
+    NUM_SLICES: tl.constexpr, RP0: tl.constexpr, RP1: tl.constexpr, RP2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """h[row] = A_s[e] x[tok] and u[row] = B_s[e]^T dy[tok, slice s] for the sorted rows of a block."""
+    pid = tl.program_id(0)
+    pid_b = pid // KSPLIT
+    pid_k = pid % KSPLIT
+    if tl.load(blk_expert_ptr + pid_b) >= E:
+        return
+    e, tok, g, rows, rmask = _sorted_block(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+                                           order_ptr, gates_ptr, K, E, sgt, sgk, BLOCK_M)
+    e64 = e.to(tl.int64)
+    # One pass over d_in for every slice: each x tile is loaded once.
+    h0 = tl.zeros((BLOCK_M, RP0), dtype=tl.float32)
+    h1 = tl.zeros((BLOCK_M, RP1), dtype=tl.float32)
+    h2 = tl.zeros((BLOCK_M, RP2), dtype=tl.float32)
+    for t in range(pid_k, tl.cdiv(D_IN, BLOCK_K), KSPLIT):
+        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = kk < D_IN
+        xk = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        h0 = _dot(xk, tl.trans(_a_tile(a0_ptr + e64 * sa0e, kk, kmask, sa0r, sa0k, r0, RP0)), h0,
+                  DOT_FP32, IEEE)
+        if NUM_SLICES > 1:
+            h1 = _dot(xk, tl.trans(_a_tile(a1_ptr + e64 * sa1e, kk, kmask, sa1r, sa1k, r1, RP1)), h1,
+                      DOT_FP32, IEEE)
+        if NUM_SLICES > 2:
+            h2 = _dot(xk, tl.trans(_a_tile(a2_ptr + e64 * sa2e, kk, kmask, sa2r, sa2k, r2, RP2)), h2,
+                      DOT_FP32, IEEE)
+    _store_rows(h_ptr, rows, rmask, ro0, shw, h0, r0, RP0, ATOMIC)
+    u, tiles = _shrink_dy_rows(dy_ptr, tok, rmask, b0_ptr, e, n0, col0, 0, pid_k, syt, syn,
+                               sb0e, sb0n, sb0r, r0, RP0, BLOCK_M, BLOCK_N, KSPLIT, DOT_FP32, IEEE)
+    _store_rows(u_ptr, rows, rmask, ro0, shw, u, r0, RP0, ATOMIC)
+    if NUM_SLICES > 1:
+        _store_rows(h_ptr, rows, rmask, ro1, shw, h1, r1, RP1, ATOMIC)
+        u, nt = _shrink_dy_rows(dy_ptr, tok, rmask, b1_ptr, e, n1, col1, tiles, pid_k, syt, syn,
+                                sb1e, sb1n, sb1r, r1, RP1, BLOCK_M, BLOCK_N, KSPLIT, DOT_FP32, IEEE)
+        tiles += nt
+        _store_rows(u_ptr, rows, rmask, ro1, shw, u, r1, RP1, ATOMIC)
+    if NUM_SLICES > 2:
+        _store_rows(h_ptr, rows, rmask, ro2, shw, h2, r2, RP2, ATOMIC)
+        u, nt = _shrink_dy_rows(dy_ptr, tok, rmask, b2_ptr, e, n2, col2, tiles, pid_k, syt, syn,
+                                sb2e, sb2n, sb2r, r2, RP2, BLOCK_M, BLOCK_N, KSPLIT, DOT_FP32, IEEE)
+        _store_rows(u_ptr, rows, rmask, ro2, shw, u, r2, RP2, ATOMIC)
+
+
+@triton.jit
+def _dx_da_slice(dxa, dh, xk, a_ptr, da_ptr, e, kk, kmask, D_IN, sae, sar, sak,
+                 R, RP: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """dx tile += dh @ A[e, :, kk];  dA[e, :, kk] += dh^T @ x[tok, kk] (fp32 atomics). dh is in
+    the weights' dtype (tensor-core operands; accumulation stays fp32)."""
+    a = _a_tile(a_ptr + e.to(tl.int64) * sae, kk, kmask, sar, sak, R, RP)
+    dxa = _dot(dh, a, dxa, DOT_FP32, IEEE)
+    da = _dot(tl.trans(dh), xk, tl.zeros((RP, xk.shape[1]), dtype=tl.float32),
+              DOT_FP32, IEEE)
+    i = tl.arange(0, RP)
+    # dA workspace: contiguous fp32 [E, R, D_IN].
+    p = da_ptr + (e.to(tl.int64) * R + i[:, None]) * D_IN + kk[None, :]
+    tl.atomic_add(p, da, mask=(i < R)[:, None] & kmask[None, :])
+    return dxa
+
+
+@triton.jit
+def _db_slice(dy_ptr, tok, rmask, w, hw, db_ptr, e, N, col, tile_base, pid_n, syt, syn,
+              R, RP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+              DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """dB[e, n, :] += (w * dy[tok, col + n])^T @ hw over this split's share of the column tiles
+    (hw: h in the weights' dtype)."""
+    i = tl.arange(0, RP)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    first = (pid_n - tile_base % NSPLIT + NSPLIT) % NSPLIT
+    for t in range(first, n_tiles, NSPLIT):
+        nn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = nn < N
+        dyt = tl.load(dy_ptr + tok[:, None] * syt + (col + nn)[None, :].to(tl.int64) * syn,
+                      mask=rmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        dyw = (dyt * w[:, None]).to(hw.dtype)
+        db = _dot(tl.trans(dyw), hw, tl.zeros((BLOCK_N, RP), dtype=tl.float32), DOT_FP32, IEEE)
+        # dB workspace: contiguous fp32 [E, N, R].
+        p = db_ptr + (e.to(tl.int64) * N + nn[:, None]) * R + i[None, :]
+        tl.atomic_add(p, db, mask=nmask[:, None] & (i < R)[None, :])
+    return n_tiles
+
+
+@triton.jit
+def _dgate_db_slice(h_ptr, u_ptr, db_ptr, a_ptr, dy_ptr, tok, rows, rmask, w, e, ro, shw, N, col,
+                    tile_base, pid_n, syt, syn, R, RP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    NSPLIT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """One slice of a block: (dh = w u in the weights' dtype, <u, h> per row, tiles so far); adds
+    this share's dB tiles."""
+    wdt = a_ptr.dtype.element_ty
+    h = _load_rows(h_ptr, rows, rmask, ro, shw, R, RP)
+    u = _load_rows(u_ptr, rows, rmask, ro, shw, R, RP)
+    n_tiles = _db_slice(dy_ptr, tok, rmask, w, h.to(wdt), db_ptr, e, N, col,
+                        tile_base, pid_n, syt, syn, R, RP, BLOCK_N, NSPLIT, DOT_FP32, IEEE)
+    return (u * w[:, None]).to(wdt), tl.sum(u * h, axis=1), tile_base + n_tiles
+
+
+@triton.jit
+def _routed_lora_bwd_expand_kernel(
+    x_ptr, dy_ptr, gates_ptr, h_ptr, u_ptr, dx_ptr, dg_ptr,
+    order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+    a0_ptr, a1_ptr, a2_ptr, da0_ptr, db0_ptr, da1_ptr, db1_ptr, da2_ptr, db2_ptr,
+    D_IN, E, K,
+    r0, r1, r2, n0, n1, n2, col0, col1, col2, ro0, ro1, ro2,
+    sxt, sxk, syt, syn, sgt, sgk, sdxt, shw,
+    sa0e, sa0r, sa0k, sa1e, sa1r, sa1k, sa2e, sa2r, sa2k,
+    scaling,
+    NUM_SLICES: tl.constexpr, RP0: tl.constexpr, RP1: tl.constexpr, RP2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    GATE_ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """d_gates, dx, dA, dB of the sorted rows of a block, from the shrink kernel's h and u."""
+    pid = tl.program_id(0)
+    pid_b = pid // NSPLIT
+    pid_n = pid % NSPLIT
+    if tl.load(blk_expert_ptr + pid_b) >= E:
+        return
+    e, tok, g, rows, rmask = _sorted_block(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
+                                           order_ptr, gates_ptr, K, E, sgt, sgk, BLOCK_M)
+    w = g * scaling  # 0 on masked rows
+    n_kt = tl.cdiv(D_IN, BLOCK_K)
+    # Per slice: its d_gates term, then dB (d_out tiles continue the round robin after the d_in
+    # tiles), so that only dh = w u stays live through the d_in loop below.
+    dh0, dgs, tiles = _dgate_db_slice(h_ptr, u_ptr, db0_ptr, a0_ptr, dy_ptr, tok, rows, rmask, w, e, ro0,
+                                      shw, n0, col0, n_kt, pid_n, syt, syn, r0, RP0, BLOCK_N, NSPLIT,
+                                      DOT_FP32, IEEE)
+    dh1 = tl.zeros((BLOCK_M, RP1), dtype=a0_ptr.dtype.element_ty)
+    dh2 = tl.zeros((BLOCK_M, RP2), dtype=a0_ptr.dtype.element_ty)
+    if NUM_SLICES > 1:
+        dh1, d, tiles = _dgate_db_slice(h_ptr, u_ptr, db1_ptr, a0_ptr, dy_ptr, tok, rows, rmask, w, e,
+                                        ro1, shw, n1, col1, tiles, pid_n, syt, syn, r1, RP1, BLOCK_N,
+                                        NSPLIT, DOT_FP32, IEEE)
+        dgs += d
+    if NUM_SLICES > 2:
+        dh2, d, tiles = _dgate_db_slice(h_ptr, u_ptr, db2_ptr, a0_ptr, dy_ptr, tok, rows, rmask, w, e,
+                                        ro2, shw, n2, col2, tiles, pid_n, syt, syn, r2, RP2, BLOCK_N,
+                                        NSPLIT, DOT_FP32, IEEE)
+        dgs += d
+    if pid_n == 0:
+        # One program per sorted row: a plain store, unless slice groups in other launches add to it.
+        pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        if GATE_ATOMIC:
+            tl.atomic_add(dg_ptr + pair, dgs * scaling, mask=rmask)
+        else:
+            tl.store(dg_ptr + pair, dgs * scaling, mask=rmask)
+
+    # d_in tiles: dx (summed over the slices in registers first) and dA.
+    for t in range(pid_n, n_kt, NSPLIT):
+        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = kk < D_IN
+        xk = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :].to(tl.int64) * sxk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        dxa = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        dxa = _dx_da_slice(dxa, dh0, xk, a0_ptr, da0_ptr, e, kk, kmask, D_IN, sa0e, sa0r, sa0k,
+                           r0, RP0, DOT_FP32, IEEE)
+        if NUM_SLICES > 1:
+            dxa = _dx_da_slice(dxa, dh1, xk, a1_ptr, da1_ptr, e, kk, kmask, D_IN, sa1e, sa1r, sa1k,
+                               r1, RP1, DOT_FP32, IEEE)
+        if NUM_SLICES > 2:
+            dxa = _dx_da_slice(dxa, dh2, xk, a2_ptr, da2_ptr, e, kk, kmask, D_IN, sa2e, sa2r, sa2k,
+                               r2, RP2, DOT_FP32, IEEE)
+        tl.atomic_add(dx_ptr + tok[:, None] * sdxt + kk[None, :], dxa, mask=rmask[:, None] & kmask[None, :])

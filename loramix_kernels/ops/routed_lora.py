@@ -17,6 +17,17 @@ Strategy heuristic (documented choice, see ``choose_strategy``)
 * ``expert_sorted`` otherwise (large E*r, sparse top-k, e.g. 64 experts of rank 64, k = 3): the T*k
   (token, slot) pairs are sorted by expert (on the device, no host sync) and a grouped GEMM computes
   only routed work, gathering x rows on load and scattering y rows on store (fp32 atomics if k > 1).
+
+Backward (``loramix::routed_lora_backward``)
+--------------------------------------------
+* Shapes that run ``token_major`` / ``dense_gemm`` forward: the dense masked form in PyTorch
+  (``routed_lora_backward_dense``): a few GEMMs, no host sync.
+* ``expert_sorted`` shapes on the Triton path: ``routed_lora_backward_sorted``, two Triton launches
+  on the forward's sorted metadata (recompute h and u per sorted row, then d_gates / dx / dA / dB
+  with fp32 atomics). Why not the per-expert loop: it syncs with the host for the list of experts
+  and launches ~10 small kernels per expert (E = 64: hundreds of launches), which dominates the
+  time and cannot be captured in a CUDA graph. On the PyTorch path the per-expert loop stays
+  (``routed_lora_backward_ref``): on CPU it computes only routed work with BLAS, which is fastest.
 """
 
 from __future__ import annotations
@@ -177,6 +188,23 @@ def _finish(y, dst, accumulate):
             y.copy_(dst)
 
 
+def token_major_tiles(T: int, er: int):
+    """(BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages) for a slice of ``er`` padded E*r rows.
+
+    BLOCK_T: the weights are re-read (from L2) once per token tile, so a tall tile keeps that
+    traffic below the x and y traffic at prefill; it is bounded by the registers of the fp32
+    [BLOCK_T, ER] shrink tile. Every table entry compiles for sm_90 without register spills
+    (tests/test_sm90_compile.py checks it).
+    """
+    if _backend.INTERPRET:
+        return min(64, 16384 // er, _pow2(T)), 32, 32, 4, 1
+    # From compiling the candidates for sm_90 (triton 3.9, launch-time specialisation): the
+    # tallest tiles without register spills (128 x 128 at E*r = 128 uses ~166 registers).
+    block_t, block_n = {16: (128, 128), 32: (128, 128), 64: (128, 64), 128: (128, 128), 256: (64, 128)}[er]
+    block_t = min(block_t, _pow2(T))
+    return block_t, block_n, 64, 8 if block_t * er >= 4096 else 4, 2
+
+
 def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=None):
     from ..kernels.routed_lora import _routed_lora_token_major_kernel
 
@@ -190,14 +218,7 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=N
         ptrs, ranks, widths, col, strides = _slice_args(lora_a, lora_b, idx, cols)
         er = [er_all[s] for s in idx] + [16] * (MAX_SLICES_PER_LAUNCH - len(idx))
         er_max = max(er[: len(idx)])
-        # Register budget: a BLOCK_T x ER fp32 shrink tile of <= 16k elements (64 regs/thread at
-        # 8 warps); at prefill that is BLOCK_T = 128 for E*r <= 128, the height that keeps the
-        # per-token-tile re-reads of the weights (from L2) below the x and y traffic.
-        block_t = min(128, 16384 // er_max, _pow2(T))
-        # Shared memory per pipeline stage: BLOCK_T x BLOCK_K of x and BLOCK_K x ER of A, then
-        # ER x BLOCK_N of B; <= ~180 KB of Hopper's 227 KB at the largest ER (tests/sm90_compile).
-        block_n = 32 if interp else (64 if er_max > 128 else 128)
-        block_k = 32 if (interp or er_max > 128) else 64
+        block_t, block_n, block_k, warps, stages = token_major_tiles(T, er_max)
         n_tiles = max(triton.cdiv(w, block_n) for w in widths[: len(idx)])
         n_t = triton.cdiv(T, block_t)
         a_over_b = d_in * len(idx) / sum(widths[: len(idx)])
@@ -207,7 +228,7 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=N
             meta=dict(NUM_SLICES=len(idx), R0=ranks[0], R1=ranks[1], R2=ranks[2],
                       ER0=er[0], ER1=er[1], ER2=er[2], BLOCK_T=block_t, BLOCK_K=block_k,
                       BLOCK_N=block_n, NSPLIT=nsplit, KSPLIT=ksplit, ATOMIC=ksplit > 1,
-                      num_warps=8 if block_t * er_max > 4096 else 4, num_stages=3)))
+                      num_warps=warps, num_stages=stages)))
     # One destination for every slice group (their columns are disjoint).
     dst = _destination(y, accumulate, any(ln["meta"]["ATOMIC"] for ln in launches))
     for ln in launches:
@@ -254,7 +275,9 @@ def sort_pairs(ids: torch.Tensor, E: int, block_m: int):
 def _sorted_config(x, P, E, lora_a, lora_b, splits=None):
     interp = _backend.INTERPRET
     block_m = 16 if (interp or P <= 64 * E) else 64
-    block_n = 32 if interp else 128
+    # BLOCK_M = 64 rows: 64-wide column tiles at 8 warps, BLOCK_M = 16: 128 wide at 4 warps, the
+    # widest tiles that compile for sm_90 without register spills (tests/test_sm90_compile.py).
+    block_n = 32 if interp else (64 if block_m >= 64 else 128)
     block_k = 32 if interp else 64
     d_in = x.shape[1]
     n_tiles = sum(triton.cdiv(b.shape[1], block_n) for b in lora_b)
@@ -292,7 +315,7 @@ def _expert_sorted(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits
             NUM_SLICES=len(idx), RP0=rp[0], RP1=rp[1], RP2=rp[2],
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NSPLIT=nsplit, KSPLIT=ksplit,
             ATOMIC=atomic, ACCUMULATE=accumulate_dst, DOT_FP32=_backend.dot_fp32(x.dtype),
-            IEEE=x.dtype == torch.float32, num_warps=4,
+            IEEE=x.dtype == torch.float32, num_warps=8 if block_m >= 64 else 4,
         )
     _finish(y, dst, accumulate)
 
@@ -342,6 +365,103 @@ def routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=None,
 _STRATEGIES = {"token_major": _token_major, "expert_sorted": _expert_sorted, "dense_gemm": _dense_gemm}
 
 
+def _grad_workspace(t):
+    """Zeroed fp32 accumulator for the gradient of ``t`` (contiguous, as the kernels index it)."""
+    return torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+
+
+def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, splits=None):
+    """Triton backward of the expert-sorted regime: (dx, [dA_s], [dB_s], d_gates), no host sync.
+
+    Why: the per-expert PyTorch loop syncs once (``unique(...).tolist()``) and issues a dozen small
+    launches per active expert, which at E = 64 costs more than the math and cannot be captured in
+    a CUDA graph. This reuses the forward's ``sort_pairs`` metadata (device-side sort of the T*k
+    (token, slot) pairs by expert, fixed upper-bound grid of ``cdiv(T*k, BLOCK_M) + E`` blocks) and
+    runs two launches per group of <= 3 slices:
+
+    1. ``_routed_lora_bwd_shrink_kernel``, grid (block, KSPLIT share): recomputes h = A_s[e] x and
+       u = B_s[e]^T dy of every sorted row (fp32 workspace ``[T*k, sum r]``, one x pass for all
+       slices). Both are full reductions (over d_in and d_out), which is why they get a launch of
+       their own instead of being recomputed by every d_in share of the second kernel.
+    2. ``_routed_lora_bwd_expand_kernel``, grid (block, NSPLIT share): d_gates = scaling sum_s <u, h>
+       (share 0, one writer per pair), then the block's d_in tiles (dx = sum_s w u A_s, dA_s += w u^T x)
+       and d_out tiles (dB_s += (w dy)^T h) dealt round robin to the shares. dA / dB are shared by
+       every block of an expert and dx by a token's k slots, so they are fp32 atomic adds into zeroed
+       workspaces, cast to the input dtypes at the end (``ctx.needs_input_grad`` is not visible to
+       the op, so all four gradients are computed).
+
+    At prefill the blocks fill the GPU and nothing is split; at decode (few blocks) KSPLIT / NSPLIT
+    follow ``plan_splits`` as in the forward. ``splits`` = (NSPLIT, KSPLIT) overrides (tests).
+    Gradients come back contiguous, in the inputs' dtypes (d_gates in gates' dtype).
+    """
+    from ..kernels.routed_lora import _routed_lora_bwd_expand_kernel, _routed_lora_bwd_shrink_kernel
+
+    T, d_in, E, K, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op="routed_lora_backward")
+    check_tensor("routed_lora_backward", "grad_y", grad_y, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_shape("routed_lora_backward", "grad_y", grad_y, (T, d_out))
+    dev = x.device
+    gx = torch.zeros(T, d_in, dtype=torch.float32, device=dev)
+    ga = [_grad_workspace(a) for a in lora_a]
+    gb = [_grad_workspace(b) for b in lora_b]
+    P = T * K
+    gg = torch.zeros(P, dtype=torch.float32, device=dev)
+    if P > 0 and d_in > 0:
+        interp = _backend.INTERPRET
+        block_m = 16 if (interp or P <= 64 * E) else 64
+        block_k = 32 if interp else 64
+        block_n = 32 if interp else 64
+        rsum = sum(a.shape[1] for a in lora_a)
+        est_blocks = max(triton.cdiv(P, block_m), min(E, P))
+        n_tiles = triton.cdiv(d_in, block_k) + sum(triton.cdiv(b.shape[1], block_n) for b in lora_b)
+        if splits is not None:
+            nsplit, ksplit = splits
+        elif est_blocks >= _backend.sm_count(x) // 2:
+            nsplit = ksplit = 1
+        else:  # decode: about two programs per SM in each launch
+            per = triton.cdiv(2 * _backend.sm_count(x), est_blocks)
+            nsplit = ksplit = min(per, n_tiles)
+            if interp:  # keep interpreter grids small; tests force larger splits
+                nsplit = ksplit = min(nsplit, 2)
+        order, blk_e, blk_s, blk_t, max_blocks = sort_pairs(expert_ids, E, block_m)
+        # Sorted rows' h and u; zeroed only when split shares add into them.
+        alloc = torch.zeros if ksplit > 1 else torch.empty
+        h_ws = alloc(P, rsum, dtype=torch.float32, device=dev)
+        u_ws = alloc(P, rsum, dtype=torch.float32, device=dev)
+        ro = [sum(a.shape[1] for a in lora_a[:s]) for s in range(len(lora_a))]  # workspace columns
+        cols = _col_offsets(lora_b)
+        groups = _groups(len(lora_a))
+        dfp32, ieee = _backend.dot_fp32(x.dtype), x.dtype == torch.float32
+        # 8 warps for 64-row blocks: at 4 warps the [64, 64] fp32 dx / dA / dB tiles next to the
+        # per-slice dh tiles exceed 255 registers per thread and spill (tests/sm90_compile).
+        common = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, DOT_FP32=dfp32, IEEE=ieee,
+                      num_warps=8 if block_m >= 64 else 4)
+        for idx in groups:
+            pad = idx + [idx[0]] * (MAX_SLICES_PER_LAUNCH - len(idx))
+            ranks = [lora_a[s].shape[1] for s in pad]
+            widths = [lora_b[s].shape[1] for s in pad]
+            rp = [_pow2(r) for r in ranks]
+            meta = dict(NUM_SLICES=len(idx), RP0=rp[0], RP1=rp[1], RP2=rp[2], **common)
+            sizes = (*ranks, *widths, *[cols[s] for s in pad], *[ro[s] for s in pad])
+            a_str = [st for s in pad for st in lora_a[s].stride()]
+            b_str = [st for s in pad for st in lora_b[s].stride()]
+            ab = [t for s in pad for t in (lora_a[s], lora_b[s])]
+            _routed_lora_bwd_shrink_kernel[(max_blocks * ksplit,)](
+                x, grad_y, gates, h_ws, u_ws, order, blk_e, blk_s, blk_t, *ab, d_in, E, K, *sizes,
+                x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
+                gates.stride(0), gates.stride(1), h_ws.stride(0),
+                *[v for s in range(3) for v in (*a_str[3 * s:3 * s + 3], *b_str[3 * s:3 * s + 3])],
+                KSPLIT=ksplit, ATOMIC=ksplit > 1, **meta)
+            grads = [t for s in pad for t in (ga[s], gb[s])]
+            _routed_lora_bwd_expand_kernel[(max_blocks * nsplit,)](
+                x, grad_y, gates, h_ws, u_ws, gx, gg, order, blk_e, blk_s, blk_t,
+                *[lora_a[s] for s in pad], *grads, d_in, E, K, *sizes,
+                x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
+                gates.stride(0), gates.stride(1), gx.stride(0), h_ws.stride(0), *a_str, float(scaling),
+                NSPLIT=nsplit, GATE_ATOMIC=len(groups) > 1, **meta)
+    return (gx.to(x.dtype), [g.to(a.dtype) for g, a in zip(ga, lora_a)],
+            [g.to(b.dtype) for g, b in zip(gb, lora_b)], gg.view(T, K).to(gates.dtype))
+
+
 def routed_lora_two_launch(x, lora_a, lora_b, expert_ids, gates, scaling):
     """Benchmark baseline (c): the vLLM design, shrink and expand as two launches per slice with an
     fp32 ``[T*k, r]`` intermediate in global memory (same expert-sorted metadata as ours)."""
@@ -365,7 +485,8 @@ def routed_lora_two_launch(x, lora_a, lora_b, expert_ids, gates, scaling):
         _sorted_expand_kernel[(max_blocks * nsplit,)](
             h, ws, gates, order, blk_e, blk_s, blk_t, b, b.shape[1], col, E, K, R,
             gates.stride(0), gates.stride(1), *b.stride(), ws.stride(0), ws.stride(1), h.stride(0),
-            RP=_pow2(R), BLOCK_M=block_m, BLOCK_N=block_n, NSPLIT=nsplit, DOT_FP32=dfp32, IEEE=ieee)
+            RP=_pow2(R), BLOCK_M=block_m, BLOCK_N=block_n, NSPLIT=nsplit, DOT_FP32=dfp32, IEEE=ieee,
+            num_warps=8 if block_m >= 64 else 4)
     return ws.to(x.dtype)
 
 
@@ -430,14 +551,20 @@ def _routed_lora_add_fake(out, x, lora_a, lora_b, expert_ids, gates, scaling):
 
 
 def _routed_lora_backward_impl(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling):
-    # PyTorch formulations on both devices (fused Triton backward kernels are not written yet).
     # Where the forward would run dense (small E*r, or dense routing) the backward is the dense
-    # masked form: a handful of GEMMs, no host sync. Otherwise the per-expert loop computes only
-    # routed work, at one host sync for the list of experts in use.
+    # masked form in PyTorch on both devices: a handful of GEMMs, no host sync. In the
+    # expert-sorted regime the Triton path runs the sorted backward kernels (only routed work, no
+    # host sync, graph-capturable); the PyTorch path keeps the per-expert loop, which computes
+    # only routed work at one host sync for the list of experts in use.
     validate(x, lora_a, lora_b, expert_ids, gates, scaling, op="routed_lora_backward")
     check_shape("routed_lora_backward", "grad_y", grad_y, (x.shape[0], sum(b.shape[1] for b in lora_b)))
     dense = choose_strategy(lora_a[0].shape[0], [a.shape[1] for a in lora_a], expert_ids.shape[1]) != "expert_sorted"
-    fn = routed_lora_backward_dense if dense else routed_lora_backward_ref
+    if dense:
+        fn = routed_lora_backward_dense
+    elif _backend.use_triton(x):
+        fn = routed_lora_backward_sorted
+    else:
+        fn = routed_lora_backward_ref
     return fn(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
 
 
