@@ -86,14 +86,17 @@ def scenarios():
     import loramix_kernels  # noqa: F401
     from loramix_kernels.ops import routed_lora as rl
 
+    def routed_inputs(T, E, r, k, widths, d_in):
+        dt = torch.bfloat16
+        x = torch.zeros(T, d_in, dtype=dt)
+        A = [torch.zeros(E, r, d_in, dtype=dt) for _ in widths]
+        B = [torch.zeros(E, w, r, dtype=dt) for w in widths]
+        ids = torch.arange(T * k, dtype=torch.int32).reshape(T, k) % E
+        return dt, x, A, B, ids, torch.ones(T, k)
+
     def routed(T, E, r, k, widths, strategy=None, d_in=4096, add=False):
         def go():
-            dt = torch.bfloat16
-            x = torch.zeros(T, d_in, dtype=dt)
-            A = [torch.zeros(E, r, d_in, dtype=dt) for _ in widths]
-            B = [torch.zeros(E, w, r, dtype=dt) for w in widths]
-            ids = torch.arange(T * k, dtype=torch.int32).reshape(T, k) % E
-            g = torch.ones(T, k)
+            dt, x, A, B, ids, g = routed_inputs(T, E, r, k, widths, d_in)
             out = torch.zeros(T, sum(widths), dtype=dt) if add else None
             rl.routed_lora_forward(x, A, B, ids, g, 1.0, out=out, strategy=strategy)
             if strategy == "expert_sorted":
@@ -102,14 +105,10 @@ def scenarios():
 
     def routed_bwd(T, E, r, k, widths, d_in=4096):
         def go():
-            dt = torch.bfloat16
-            x = torch.zeros(T, d_in, dtype=dt)
-            A = [torch.zeros(E, r, d_in, dtype=dt) for _ in widths]
-            B = [torch.zeros(E, w, r, dtype=dt) for w in widths]
-            ids = torch.arange(T * k, dtype=torch.int32).reshape(T, k) % E
+            dt, x, A, B, ids, g = routed_inputs(T, E, r, k, widths, d_in)
             assert rl.choose_strategy(E, [r] * len(widths), k) == "expert_sorted"
             dy = torch.zeros(T, sum(widths), dtype=dt)
-            rl.routed_lora_backward_sorted(dy, x, A, B, ids, torch.ones(T, k), 1.0)
+            rl.routed_lora_backward_sorted(dy, x, A, B, ids, g, 1.0)
         return go
 
     from loramix_kernels.ops import tree as tr
