@@ -1,5 +1,6 @@
 """Benchmarks for routed_lora: ours against (a) the per-expert loop (MixLoRA), (b) the dense masked
-two-GEMM in torch, (c) the two-launch shrink/expand split (vLLM design, Triton, written here).
+two-GEMM in torch, (c) the two-launch shrink/expand split (vLLM design, Triton, written here); and
+its backward against the per-expert (m-LoRA) and dense-GEMM PyTorch backwards.
 
 Roofline bytes = x + the expected active experts' weights + y (bf16), the floor that a token-major
 kernel meets. Run through ``python -m loramix_kernels.bench routed_lora [--full] [--json PATH]``,
@@ -14,18 +15,24 @@ import torch
 import loramix_kernels  # noqa: F401
 from loramix_kernels import _backend
 from loramix_kernels.ops.routed_lora import routed_lora_two_launch
-from loramix_kernels.reference.routed_lora import dense_pack, routed_lora_dense, routed_lora_ref
+from loramix_kernels.reference.routed_lora import (
+    dense_pack, routed_lora_backward_dense, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
 
 SLICES = {"qkv": [4096, 1024, 1024], "single": [4096]}
 
 
 def cases(quick: bool):
     if quick:
-        return [dict(T=T, d_in=64, slices="qkv_small", E=8, r=16, k=k) for T, k in ((1, 2), (16, 2), (64, 8))]
+        out = [dict(op="fwd", T=T, d_in=64, slices="qkv_small", E=8, r=16, k=k)
+               for T, k in ((1, 2), (16, 2), (64, 8))]
+        return out + [dict(op="bwd", T=16, d_in=64, slices="qkv_small", E=32, r=16, k=2)]
     out = []
     for T, sl, E, r, k in itertools.product([1, 16, 64, 2048, 8192], ["qkv", "single"], [6, 8, 64],
                                            [16, 64], [1, 2, 3, "E"]):
-        out.append(dict(T=T, d_in=4096, slices=sl, E=E, r=r, k=E if k == "E" else k))
+        out.append(dict(op="fwd", T=T, d_in=4096, slices=sl, E=E, r=r, k=E if k == "E" else k))
+    # Backward (training): the dense-GEMM regime and the expert-sorted Triton regime.
+    for T, (E, r, k) in itertools.product([16, 2048, 8192], [(8, 16, 2), (64, 16, 3), (64, 64, 2)]):
+        out.append(dict(op="bwd", T=T, d_in=4096, slices="qkv", E=E, r=r, k=k))
     return out
 
 
@@ -42,11 +49,20 @@ def make_inputs(case, device):
     lora_b = [(torch.randn(E, w, r, generator=g) / r ** 0.5).to(device, dt) for w in _widths(case)]
     ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k].to(device, torch.int32)
     gates = torch.softmax(torch.randn(T, k, generator=g), -1).to(device)
-    return dict(x=x, lora_a=lora_a, lora_b=lora_b, ids=ids, gates=gates, packed=dense_pack(lora_a, lora_b))
+    dy = torch.randn(T, sum(_widths(case)), generator=g).to(device, dt)
+    return dict(x=x, lora_a=lora_a, lora_b=lora_b, ids=ids, gates=gates, dy=dy,
+                packed=dense_pack(lora_a, lora_b) if case["op"] == "fwd" else None)
 
 
 def candidates(case, inp):
     x, A, B, ids, g = inp["x"], inp["lora_a"], inp["lora_b"], inp["ids"], inp["gates"]
+    if case["op"] == "bwd":
+        dy = inp["dy"]
+        return {
+            "loramix": lambda: torch.ops.loramix.routed_lora_backward(dy, x, A, B, ids, g, 1.0),
+            "per_expert": lambda: routed_lora_backward_ref(dy, x, A, B, ids, g, 1.0),
+            "dense_torch": lambda: routed_lora_backward_dense(dy, x, A, B, ids, g, 1.0),
+        }
     out = {
         "loramix": lambda: torch.ops.loramix.routed_lora(x, A, B, ids, g, 1.0),
         "per_expert": lambda: routed_lora_ref(x, A, B, ids, g, 1.0),
@@ -58,19 +74,24 @@ def candidates(case, inp):
 
 
 def traffic_bytes(case):
+    """Forward: x + active weights + y. Backward: x + dy + dx + active weights + their grads."""
     T, d_in, E, r, k = case["T"], case["d_in"], case["E"], case["r"], case["k"]
     widths = _widths(case)
     active = E * (1 - (1 - k / E) ** T)  # expected distinct experts under uniform routing
     weights = active * sum(r * d_in + w * r for w in widths)
+    if case["op"] == "bwd":
+        return int(2 * (2 * T * d_in + T * sum(widths) + 2 * weights))
     return int(2 * (T * d_in + weights + T * sum(widths)))
 
 
 def flops(case):
+    """Routed work only (what an ideal kernel computes): 2 GEMMs forward, 6 backward."""
     T, d_in, r, k = case["T"], case["d_in"], case["r"], case["k"]
-    return int(2 * T * k * sum(r * d_in + w * r for w in _widths(case)))
+    fwd = 2 * T * k * sum(r * d_in + w * r for w in _widths(case))
+    return int(3 * fwd if case["op"] == "bwd" else fwd)
 
 
-@pytest.mark.parametrize("case", cases(quick=True), ids=lambda c: f"T{c['T']}-E{c['E']}-r{c['r']}-k{c['k']}")
+@pytest.mark.parametrize("case", cases(quick=True), ids=lambda c: f"{c['op']}-T{c['T']}-E{c['E']}-r{c['r']}-k{c['k']}")
 @pytest.mark.parametrize("impl", ["loramix", "per_expert", "dense_torch"])
 def test_routed_lora(benchmark, case, impl):
     inp = make_inputs(case, torch.device("cpu"))
