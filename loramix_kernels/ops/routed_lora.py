@@ -6,10 +6,13 @@ pick a strategy and tiles and launch the Triton kernels, and the public function
 Strategy heuristic (documented choice, see ``choose_strategy``)
 ---------------------------------------------------------------
 * ``token_major`` when every slice's padded ``E * r`` is <= 256: the whole ``[BLOCK_T, E*r]``
-  shrink result of a token tile fits in registers, so x is read from HBM once and every routed
-  contribution is summed before one write of y: the HBM traffic floor (x + active weights + y).
-  The price is computing all E experts (masked by the gates): at ``E*r <= 256`` per slice the
-  dense shrink stays below the H100 ridge point (~295 FLOP/B), i.e. free.
+  shrink result of a token tile and slice fits in registers, so every routed contribution is
+  summed before one write of y, and x comes from HBM once (the slice programs of a token tile are
+  adjacent and share it through L2): the traffic floor (x + active weights + y). The price is
+  computing all E experts (masked by the gates): at ``E*r <= 256`` per slice the dense shrink
+  stays below the H100 ridge point (~295 FLOP/B), i.e. free.
+* Both Triton strategies split d_in and the columns across programs at decode (``plan_splits``),
+  adding partial outputs with fp32 atomics, so that no program has to read all of A.
 * ``dense_gemm`` when E*r is too large for registers and routing is dense or nearly so
   (``2 k >= E``, e.g. soft routing over 64 experts): every expert is computed anyway, so the work is
   two plain GEMMs ``((x A_cat^T) * gates) B_cat^T`` on cuBLAS, which no scatter kernel beats (the
