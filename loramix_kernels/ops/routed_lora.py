@@ -373,7 +373,8 @@ def _grad_workspace(t):
     return torch.zeros(t.shape, dtype=torch.float32, device=t.device)
 
 
-def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, splits=None):
+def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, splits=None,
+                                validated=False):
     """Triton backward of the expert-sorted regime: (dx, [dA_s], [dB_s], d_gates), no host sync.
 
     Why: the per-expert PyTorch loop syncs once (``unique(...).tolist()``) and issues a dozen small
@@ -399,9 +400,10 @@ def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, sc
     """
     from ..kernels.routed_lora import _routed_lora_bwd_expand_kernel, _routed_lora_bwd_shrink_kernel
 
-    T, d_in, E, K, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op="routed_lora_backward")
-    check_tensor("routed_lora_backward", "grad_y", grad_y, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    check_shape("routed_lora_backward", "grad_y", grad_y, (T, d_out))
+    if validated:  # by the op's kernel, just before
+        T, d_in, E, K = x.shape[0], x.shape[1], lora_a[0].shape[0], expert_ids.shape[1]
+    else:
+        T, d_in, E, K, d_out = _validate_backward(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
     dev = x.device
     gx = torch.zeros(T, d_in, dtype=torch.float32, device=dev)
     ga = [_grad_workspace(a) for a in lora_a]
@@ -559,16 +561,21 @@ def _routed_lora_backward_impl(grad_y, x, lora_a, lora_b, expert_ids, gates, sca
     # expert-sorted regime the Triton path runs the sorted backward kernels (only routed work, no
     # host sync, graph-capturable); the PyTorch path keeps the per-expert loop, which computes
     # only routed work at one host sync for the list of experts in use.
-    validate(x, lora_a, lora_b, expert_ids, gates, scaling, op="routed_lora_backward")
-    check_shape("routed_lora_backward", "grad_y", grad_y, (x.shape[0], sum(b.shape[1] for b in lora_b)))
-    dense = choose_strategy(lora_a[0].shape[0], [a.shape[1] for a in lora_a], expert_ids.shape[1]) != "expert_sorted"
-    if dense:
-        fn = routed_lora_backward_dense
-    elif _backend.use_triton(x):
-        fn = routed_lora_backward_sorted
-    else:
-        fn = routed_lora_backward_ref
-    return fn(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
+    _, _, E, k, _ = _validate_backward(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
+    if choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
+        return routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
+    if _backend.use_triton(x):
+        return routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling,
+                                           validated=True)
+    return routed_lora_backward_ref(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
+
+
+def _validate_backward(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling):
+    op = "routed_lora_backward"
+    T, d_in, E, k, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op=op)
+    check_tensor(op, "grad_y", grad_y, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_shape(op, "grad_y", grad_y, (T, d_out))
+    return T, d_in, E, k, d_out
 
 
 torch.library.register_kernel("loramix::routed_lora_backward", "cpu", _routed_lora_backward_impl)
