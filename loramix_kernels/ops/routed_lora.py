@@ -275,9 +275,14 @@ def sort_pairs(ids: torch.Tensor, E: int, block_m: int):
             blk_end.to(torch.int32), max_blocks)
 
 
+def sorted_block_m(P: int, E: int) -> int:
+    """Rows per expert-sorted block: 64 once experts average more than 64 pairs, else 16."""
+    return 16 if (_backend.INTERPRET or P <= 64 * E) else 64
+
+
 def _sorted_config(x, P, E, lora_a, lora_b, splits=None):
     interp = _backend.INTERPRET
-    block_m = 16 if (interp or P <= 64 * E) else 64
+    block_m = sorted_block_m(P, E)
     # BLOCK_M = 64 rows: 64-wide column tiles at 8 warps, BLOCK_M = 16: 128 wide at 4 warps, the
     # widest tiles that compile for sm_90 without register spills (tests/test_sm90_compile.py).
     block_n = 32 if interp else (64 if block_m >= 64 else 128)
@@ -412,7 +417,7 @@ def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, sc
     gg = torch.zeros(P, dtype=torch.float32, device=dev)
     if P > 0 and d_in > 0:
         interp = _backend.INTERPRET
-        block_m = 16 if (interp or P <= 64 * E) else 64
+        block_m = sorted_block_m(P, E)
         block_k = 32 if interp else 64
         block_n = 32 if interp else 64
         rsum = sum(a.shape[1] for a in lora_a)
@@ -515,9 +520,11 @@ def routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
     if choose_strategy(E, [a.shape[1] for a in lora_a], k) == "expert_sorted":
         y = routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, keep_acc=out is not None)
         return y if out is None else out.add_(y)
-    y = out if out is not None else torch.zeros(T, d_out, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(T, d_out, dtype=x.dtype, device=x.device)
     if T and d_out and k:
         _dense_gemm(x, lora_a, lora_b, expert_ids, gates, scaling, y, out is not None)
+    elif out is None:
+        y.zero_()
     return y
 
 

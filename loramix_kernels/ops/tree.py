@@ -95,23 +95,19 @@ def build_tree_forward(parents: torch.Tensor):
     return mask, depth, first, nsib
 
 
-@torch.library.register_kernel("loramix::build_tree", "cpu")
-def _build_tree_cpu(parents):
+def _build_tree_impl(parents):
+    # One kernel for both devices: Triton where it runs (CUDA, or CPU under the interpreter
+    # switch), else the reference; value checks wherever check_values allows (always on CPU).
     if _backend.use_triton(parents):
         return build_tree_forward(parents)
     _check_build_tree(parents)
-    _check_parent_values(parents)
+    if _backend.check_values(parents):
+        _check_parent_values(parents)
     return ref.build_tree(parents)
 
 
-@torch.library.register_kernel("loramix::build_tree", "cuda")
-def _build_tree_cuda(parents):
-    if _backend.backend() == "reference":
-        _check_build_tree(parents)
-        if _backend.check_values(parents):
-            _check_parent_values(parents)
-        return ref.build_tree(parents)
-    return build_tree_forward(parents)
+torch.library.register_kernel("loramix::build_tree", "cpu", _build_tree_impl)
+torch.library.register_kernel("loramix::build_tree", "cuda", _build_tree_impl)
 
 
 @torch.library.register_fake("loramix::build_tree")
@@ -316,26 +312,18 @@ def tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask
     return out
 
 
-@torch.library.register_kernel("loramix::tree_attention", "cpu")
-def _tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale):
+def _tree_attention_impl(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale):
     if _backend.use_triton(q):
-        return tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask,
-                                      sm_scale)
+        return tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
     _, N, _, _, num_blocks, block_size, _ = _check_tree_attention(
         q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-    _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
+    if _backend.check_values(seq_lens):
+        _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
     return ref.tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
 
 
-@torch.library.register_kernel("loramix::tree_attention", "cuda")
-def _tree_attention_cuda(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale):
-    if _backend.backend() == "reference":
-        _, N, _, _, num_blocks, block_size, _ = _check_tree_attention(
-            q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-        if _backend.check_values(seq_lens):
-            _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
-        return ref.tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-    return tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
+torch.library.register_kernel("loramix::tree_attention", "cpu", _tree_attention_impl)
+torch.library.register_kernel("loramix::tree_attention", "cuda", _tree_attention_impl)
 
 
 @torch.library.register_fake("loramix::tree_attention")

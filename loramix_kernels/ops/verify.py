@@ -296,19 +296,16 @@ def verify_sampling_cpu(tokens, parents, target_probs, draft_probs, seed, offset
 # ------------------------------------------------------------------------------------------
 
 
-@torch.library.register_kernel("loramix::verify_greedy", "cpu")
-def _verify_greedy_cpu(tokens, parents, target_ids):
+def _verify_greedy_impl(tokens, parents, target_ids):
+    # Both devices: Triton where it runs, else verify_greedy_cpu (C++ on CPU tensors, the
+    # vectorised reference elsewhere, validated either way).
     if _backend.use_triton(tokens):
         return verify_greedy_forward(tokens, parents, target_ids)
     return verify_greedy_cpu(tokens, parents, target_ids)
 
 
-@torch.library.register_kernel("loramix::verify_greedy", "cuda")
-def _verify_greedy_cuda(tokens, parents, target_ids):
-    if not _backend.use_triton(tokens):
-        validate_greedy(tokens, parents, target_ids)
-        return verify_greedy_ref(tokens, parents, target_ids)
-    return verify_greedy_forward(tokens, parents, target_ids)
+torch.library.register_kernel("loramix::verify_greedy", "cpu", _verify_greedy_impl)
+torch.library.register_kernel("loramix::verify_greedy", "cuda", _verify_greedy_impl)
 
 
 @torch.library.register_fake("loramix::verify_greedy")
@@ -318,19 +315,14 @@ def _verify_greedy_fake(tokens, parents, target_ids):
             tokens.new_empty(B, dtype=torch.int64))
 
 
-@torch.library.register_kernel("loramix::verify_sampling", "cpu")
-def _verify_sampling_cpu(tokens, parents, target_probs, draft_probs, seed, offset):
+def _verify_sampling_impl(tokens, parents, target_probs, draft_probs, seed, offset):
     if _backend.use_triton(tokens):
         return verify_sampling_forward(tokens, parents, target_probs, draft_probs, seed, offset)
     return verify_sampling_cpu(tokens, parents, target_probs, draft_probs, seed, offset)
 
 
-@torch.library.register_kernel("loramix::verify_sampling", "cuda")
-def _verify_sampling_cuda(tokens, parents, target_probs, draft_probs, seed, offset):
-    if not _backend.use_triton(tokens):
-        validate_sampling(tokens, parents, target_probs, draft_probs, seed, offset)
-        return verify_sampling_ref(tokens, parents, target_probs, draft_probs, seed, offset)
-    return verify_sampling_forward(tokens, parents, target_probs, draft_probs, seed, offset)
+torch.library.register_kernel("loramix::verify_sampling", "cpu", _verify_sampling_impl)
+torch.library.register_kernel("loramix::verify_sampling", "cuda", _verify_sampling_impl)
 
 
 @torch.library.register_fake("loramix::verify_sampling")
