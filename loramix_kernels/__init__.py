@@ -1,22 +1,29 @@
-"""loramix_kernels: GPU kernels for LoRA-Mixer routed multi-LoRA projections and Mirror
-speculative decoding, exposed as ``torch.ops.loramix.*``.
+"""loramix_kernels: kernels for LoRA-Mixer routed multi-LoRA projections and Mirror speculative
+decoding, exposed as ``torch.ops.loramix.*`` and as the documented functions below.
 
-Importing the package loads the native CPU extension (if built) and registers every op.
+Importing the package loads the native CPU extension (if built) and registers every op. The op
+contract is ``docs/API.md``.
 """
 
 from . import _backend
 from ._backend import set_value_validation, use_backend
 
-try:  # native CPU kernels (csrc/), built by setup.py
+try:  # native CPU kernels (csrc/), built by setup.py; registers private ops in torch.ops.loramix
     from . import _C  # noqa: F401
 except ImportError:  # a source tree without a build: the ops fall back to plain PyTorch
     _C = None
 
 # Registration: each family module declares its schemas and registers its kernels.
-from .ops import routed_lora as _routed_lora_ops  # noqa: E402,F401
-from .ops import verify as _verify_ops  # noqa: E402,F401
-from .ops import kv as _kv_ops  # noqa: E402,F401
-from .ops import tree as _tree_ops  # noqa: E402,F401
+from .ops.routed_lora import routed_lora, routed_lora_add_  # noqa: E402
+from .ops.tree import build_tree, tree_attention  # noqa: E402
+from .ops.verify import match_branch, verify_greedy, verify_sampling  # noqa: E402
+from .ops.kv import compact_kv_  # noqa: E402
 
-__all__ = ["set_value_validation", "use_backend"]
+__all__ = [
+    "routed_lora", "routed_lora_add_",
+    "build_tree", "tree_attention",
+    "verify_greedy", "verify_sampling", "match_branch",
+    "compact_kv_",
+    "set_value_validation", "use_backend",
+]
 __version__ = "0.1.0"

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
+import warnings
 
 import torch
 
 _BACKENDS = ("auto", "triton", "reference")
-_backend = os.environ.get("LORAMIX_BACKEND", "auto").strip().lower() or "auto"
-if _backend not in _BACKENDS:
-    raise ValueError(f"LORAMIX_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+# Read from LORAMIX_BACKEND at the first op call (an invalid value is an error there, not at import).
+_backend: str | None = None
 
 #: True when Triton kernels run under the interpreter (CPU tensors, no GPU limits enforced).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Whether triton can be imported (it is a dependency only where it exists: Linux x86-64 / aarch64).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Value checks read tensor data, which costs a host-device sync on CUDA and breaks CUDA-graph
 # capture. They always run on CPU tensors; on CUDA they are off unless switched on (debugging).
@@ -30,29 +34,72 @@ _validate_cuda_values = os.environ.get("LORAMIX_VALIDATE", "0") == "1"
 
 
 def backend() -> str:
+    """The selected backend: ``use_backend``'s, else ``LORAMIX_BACKEND`` (default ``auto``)."""
+    global _backend
+    if _backend is None:
+        name = os.environ.get("LORAMIX_BACKEND", "auto").strip().lower() or "auto"
+        if name not in _BACKENDS:
+            raise ValueError(f"LORAMIX_BACKEND must be one of {_BACKENDS}, got {name!r}")
+        _backend = name
     return _backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Temporarily select ``auto`` / ``triton`` / ``reference`` (tests and benchmarks)."""
+    """Temporarily select ``auto`` / ``triton`` / ``reference`` (tests and benchmarks).
+
+    ``triton`` needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton is
+    imported (the test switch); asking for it where neither can work is an error, not a silent
+    fallback to the reference.
+    """
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    old, _backend = _backend, name
+    if name == "triton":
+        _require_triton()
+        if not INTERPRET and not torch.cuda.is_available():
+            raise RuntimeError(
+                "use_backend('triton'): no CUDA device, and CPU tensors run the Triton kernels only "
+                "under the interpreter: set TRITON_INTERPRET=1 before importing loramix_kernels")
+    old = backend()
+    _backend = name
     try:
         yield
     finally:
         _backend = old
 
 
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton kernels need the `triton` package, which is not installed "
+                           "(pip install triton; it exists for Linux x86-64 / aarch64)")
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """One warning per distinct message and process (a slower path is in use, and why)."""
+    warnings.warn(f"loramix_kernels: {message}", RuntimeWarning, stacklevel=3)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensors living where ``t`` lives should launch its Triton kernel."""
-    if _backend == "reference":
+    name = backend()
+    if name == "reference":
         return False
     if t.device.type == "cuda":
+        if HAS_TRITON:
+            return True
+        if name == "triton":
+            _require_triton()
+        warn_once("triton is not installed: CUDA tensors run the plain-PyTorch kernels "
+                  "(pip install triton for the fast path)")
+        return False
+    if name == "triton" and t.device.type == "cpu":
+        if not INTERPRET:
+            raise RuntimeError("LORAMIX_BACKEND=triton on CPU tensors needs Triton's interpreter: "
+                               "set TRITON_INTERPRET=1 before importing loramix_kernels")
         return True
-    return _backend == "triton" and t.device.type == "cpu" and INTERPRET
+    return False
 
 
 def set_value_validation(enabled: bool) -> None:

@@ -52,3 +52,64 @@ def check_index_range(op: str, arg: str, t: torch.Tensor, lo: int, hi: int) -> N
         return
     mn, mx = int(t.min()), int(t.max())
     check(lo <= mn and mx < hi, op, arg, f"entries must lie in [{lo}, {hi}), found range [{mn}, {mx}]")
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    return t.device.type != "meta" and not isinstance(t, torch._subclasses.FakeTensor)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte addressed by ``t`` (an empty tensor addresses nothing)."""
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride()):
+        span = (size - 1) * stride
+        lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
+    start = t.untyped_storage().data_ptr()
+    return start + lo * t.element_size(), start + (hi + 1) * t.element_size() - 1
+
+
+def _ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of ``a`` and ``b`` intersect (conservative for interleaved views;
+    two halves of one allocation, e.g. ``kv[0]`` and ``kv[1]``, do not overlap)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, a1 = _byte_range(a)
+    b0, b1 = _byte_range(b)
+    return a0 <= b1 and b0 <= a1
+
+
+def check_writable(op: str, arg: str, t: torch.Tensor) -> None:
+    """An in-place output must not have internal overlap (an expand()-ed view would make several
+    elements one memory location). Metadata only: no sync."""
+    if _has_data(t) and torch._debug_has_internal_overlap(t) == 1:
+        fail(op, arg, "is written in place and must not have overlapping elements "
+             "(an expand()-ed or stride-0 view); pass a .contiguous() copy")
+
+
+def check_no_alias(op: str, arg: str, t: torch.Tensor, others: dict) -> None:
+    """``t`` (written in place) must not share memory with any of ``others`` (name -> tensor or
+    list of tensors). Compares storage ranges: metadata only, no sync."""
+    if not _has_data(t):
+        return
+    for name, o in others.items():
+        for i, u in enumerate(o if isinstance(o, (list, tuple)) else [o]):
+            if isinstance(u, torch.Tensor) and _has_data(u) and _ranges_overlap(t, u):
+                where = name if not isinstance(o, (list, tuple)) else f"{name}[{i}]"
+                fail(op, arg, f"is written in place and must not share memory with {where}")
+
+
+def check_parents(op: str, parents: torch.Tensor) -> None:
+    """Value check, the one rule of every op that takes a draft tree (docs/API.md): ``parents[b, 0]
+    == -1``, and for ``i >= 1`` ``parents[b, i]`` is -1 (a padding node) or lies in ``[0, i)``.
+    A node that hangs from a padding node is allowed: it is unreachable and never accepted.
+    Compares in the input's own width (an int64 2^32 + 1 is not parent 1)."""
+    if parents.numel() == 0:
+        return
+    N = parents.shape[1]
+    idx = torch.arange(N, device=parents.device, dtype=parents.dtype)
+    bad = torch.where(idx == 0, parents != -1, (parents != -1) & ((parents < 0) | (parents >= idx)))
+    if bool(bad.any()):
+        b, i = (int(t) for t in bad.nonzero()[0])
+        want = "-1 (node 0 is the root)" if i == 0 else f"-1 (padding) or lie in [0, {i})"
+        fail(op, "parents", f"is not a tree: parents[{b}, {i}] = {int(parents[b, i])}, must be {want} "
+             "(a parent comes before its child)")

@@ -44,3 +44,53 @@ def backends():
     if TRITON_OK:
         out.append(pytest.param("triton", TRITON_DEVICE, triton_path, id=f"triton-{TRITON_DEVICE}"))
     return out
+
+
+def assert_close(got, want, dtype, scale=None, **kw):
+    """``got`` (any device / dtype) against a float64 oracle ``want`` with the tolerance of the
+    input ``dtype`` from :data:`TOL`. ``scale`` multiplies atol (default: the oracle's magnitude,
+    at least 1, so large outputs are judged relative to their size)."""
+    atol, rtol = TOL[dtype]
+    want = want.detach().cpu().double()
+    if scale is None:
+        scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got.detach().cpu().double(), want, atol=atol * scale, rtol=rtol, **kw)
+
+
+def to_device(args, device):
+    """Tensors (also inside lists) moved to ``device``; other values unchanged."""
+    if isinstance(args, torch.Tensor):
+        return args.to(device)
+    if isinstance(args, (list, tuple)):
+        return type(args)(to_device(a, device) for a in args)
+    return args
+
+
+def strided(t):
+    """A non-contiguous view with ``t``'s values, in every dimension (1-D tensors included): the
+    values live in the first slot of an extra trailing pair, so a kernel that ignores a stride
+    reads the wrong element. Lists are converted element-wise."""
+    if isinstance(t, (list, tuple)):
+        return type(t)(strided(u) for u in t)
+    if not isinstance(t, torch.Tensor):
+        return t
+    pad = torch.empty(*t.shape, 2, dtype=t.dtype, device=t.device)
+    pad[..., 1] = pad[..., 0].new_full((), 0) if t.dtype != torch.bool else False
+    pad[..., 0] = t
+    view = pad[..., 0]
+    assert t.dim() == 0 or not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+@contextlib.contextmanager
+def value_checks_off():
+    """Run with the kernels' value checks switched off, as on CUDA by default: bad indices reach
+    the kernels, which must mask or clamp them (no out-of-bounds access, no crash)."""
+    from loramix_kernels import _backend as b
+
+    old = b.check_values
+    b.check_values = lambda t: False
+    try:
+        yield
+    finally:
+        b.check_values = old

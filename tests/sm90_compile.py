@@ -160,7 +160,7 @@ def scenarios():
             bt = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
             lens = torch.full((B,), 100, dtype=torch.int32)
             acc = torch.arange(N, dtype=torch.int32).repeat(B, 1)
-            kvops.compact_kv_forward(kc, kc.clone(), bt, lens, acc, torch.full((B,), N - 1, dtype=torch.int32))
+            kvops.compact_kv_triton(kc, kc.clone(), bt, lens, acc, torch.full((B,), N - 1, dtype=torch.int32))
         return go
 
     verify_cases = [verify(2, n, v, d) for n, v, d in ((4, 32000, True), (64, 128256, True),

@@ -13,7 +13,7 @@ def _compact_kv_kernel(
     N, H, D, block_size, max_blocks, num_blocks,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_tb, stride_tm, stride_ab, stride_an,
+    stride_tb, stride_tm, stride_sb, stride_ab, stride_an, stride_lb,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(B, cdiv(Hkv, BLOCK_H))``: each program moves the accepted path of request b for a
@@ -33,13 +33,14 @@ def _compact_kv_kernel(
     hm = (h < H)[:, None] & (d < D)[None, :]
     k_off = h[:, None].to(tl.int64) * stride_kh + d[None, :].to(tl.int64) * stride_kd
     v_off = h[:, None].to(tl.int64) * stride_vh + d[None, :].to(tl.int64) * stride_vd
-    base = tl.load(seq_ptr + b).to(tl.int64) - N
-    ln = tl.load(acc_len_ptr + b).to(tl.int32)
+    # Indices are widened to int64 (never narrowed), so range tests see the input's true value.
+    base = tl.load(seq_ptr + b * stride_sb).to(tl.int64) - N
+    ln = tl.load(acc_len_ptr + b * stride_lb).to(tl.int64)
     ln = tl.minimum(ln, N - 1)
     ln = tl.where(base >= 0, ln, -1)
-    prev = tl.program_id(0) * 0 - 1
+    prev = tl.program_id(0).to(tl.int64) * 0 - 1
     for j in range(0, ln + 1):
-        a = tl.load(acc_idx_ptr + b * stride_ab + j * stride_an).to(tl.int32)
+        a = tl.load(acc_idx_ptr + b * stride_ab + j * stride_an).to(tl.int64)
         ok = (a > prev) & (a >= j) & (a < N)
         prev = tl.where(ok, a, prev)
         move = ok & (a != j)

@@ -1,29 +1,27 @@
 """KV-cache compaction after tree verification: ``compact_kv_``.
 
-Registration (schema, CPU / CUDA / fake kernels; no autograd: an in-place cache update), the
-launcher (validate, pick tiles, launch ``kernels/kv.py``) and the public function.
+``validate_compact_kv``, the launcher ``compact_kv_triton`` (tiles, launch of ``kernels/kv.py``),
+the registration (``ops/_registry.py``; CPU kernel: ``reference/kv.py``, no autograd: an in-place
+cache update) and the public function.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_shape, check_tensor, fail
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
+                       check_shape, check_tensor, check_writable, fail)
+from .._tiles import cdiv, next_pow2
 from ..reference.kv import compact_kv_ref_
+from ._registry import register_op
 
 _OP = "compact_kv_"
 
-torch.library.define(
-    "loramix::compact_kv_",
-    "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor seq_lens, "
-    "Tensor accept_index, Tensor accept_len) -> ()",
-)
 
-
-def validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len, op=_OP):
+def validate_compact_kv(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
     """Metadata checks, plus (where ``check_values`` allows) the path, lengths and blocks used."""
+    op = _OP
     check_tensor(op, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     dev = k_cache.device
     check_tensor(op, "v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
@@ -40,6 +38,14 @@ def validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len, 
     check(block_table.shape[1] >= 1, op, "block_table", "must have at least one block per request")
     check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev)
     check_shape(op, "seq_lens", seq_lens, (B,))
+    # In-place outputs: no self-overlap, and the two caches must not share memory with each other
+    # or with the index inputs (k_cache and v_cache may be the two halves of one allocation).
+    indices = dict(block_table=block_table, seq_lens=seq_lens, accept_index=accept_index,
+                   accept_len=accept_len)
+    check_writable(op, "k_cache", k_cache)
+    check_writable(op, "v_cache", v_cache)
+    check_no_alias(op, "k_cache", k_cache, dict(v_cache=v_cache, **indices))
+    check_no_alias(op, "v_cache", v_cache, indices)
     if _backend.check_values(accept_index) and B > 0:
         check_index_range(op, "accept_len", accept_len, 0, N)
         cap = block_table.shape[1] * block_size
@@ -60,45 +66,42 @@ def validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len, 
             fail(op, "block_table", f"entries used by the move must lie in [0, {num_blocks})")
 
 
-def compact_kv_forward(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
-    """Launcher: validate, split heads across programs (never the path), launch."""
+def compact_kv_triton(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
+    """Launcher: split heads across programs (never the path), launch ``_compact_kv_kernel``."""
     from ..kernels.kv import _compact_kv_kernel
 
-    validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
     B, N = accept_index.shape
     num_blocks, block_size, H, D = k_cache.shape
     if B == 0 or H == 0 or D == 0:
         return
-    block_d = triton.next_power_of_2(D)
+    block_d = next_pow2(D)
     # ~2-4 KB per row copy per program: enough bytes in flight per step while B * heads-splits
     # still fills the GPU at small B.
-    block_h = max(1, min(triton.next_power_of_2(H), 2048 // block_d))
-    grid = (B, triton.cdiv(H, block_h))
+    block_h = max(1, min(next_pow2(H), COPY_ELEMS // block_d))
+    grid = (B, cdiv(H, block_h))
     _compact_kv_kernel[grid](
         k_cache, v_cache, block_table, seq_lens, accept_index, accept_len,
         N, H, D, block_size, block_table.shape[1], num_blocks,
         *k_cache.stride(), *v_cache.stride(),
-        block_table.stride(0), block_table.stride(1), accept_index.stride(0), accept_index.stride(1),
+        block_table.stride(0), block_table.stride(1), seq_lens.stride(0),
+        accept_index.stride(0), accept_index.stride(1), accept_len.stride(0),
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )
 
 
-def _compact_kv_impl(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
-    if _backend.use_triton(k_cache):
-        compact_kv_forward(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
-        return
-    validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+#: Elements of one program's [BLOCK_H, BLOCK_D] row copy (2048 fp16 = 4 KB).
+COPY_ELEMS = 2048
+
+register_op(
+    "compact_kv_",
+    "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor seq_lens, "
+    "Tensor accept_index, Tensor accept_len) -> ()",
+    validate=validate_compact_kv,
+    triton=compact_kv_triton,
     # A gather + scatter of at most B * N rows: vectorised torch is as fast as a native loop.
-    compact_kv_ref_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
-
-
-torch.library.register_kernel("loramix::compact_kv_", "cpu", _compact_kv_impl)
-torch.library.register_kernel("loramix::compact_kv_", "cuda", _compact_kv_impl)
-
-
-@torch.library.register_fake("loramix::compact_kv_")
-def _compact_kv_fake(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
-    validate(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+    cpu=compact_kv_ref_,
+    fake=lambda info, *args: None,
+)
 
 
 def compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
@@ -119,13 +122,17 @@ def compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_le
     seq_lens : torch.Tensor
         ``[B]`` int32 / int64 cached length including the N tree nodes.
     accept_index, accept_len : torch.Tensor
-        ``[B, N]`` and ``[B]`` from :func:`~loramix_kernels.ops.verify.verify_greedy` /
-        ``verify_sampling`` (strictly increasing path starting at node 0).
+        ``[B, N]`` and ``[B]`` from :func:`~loramix_kernels.verify_greedy` /
+        :func:`~loramix_kernels.verify_sampling` (strictly increasing path starting at node 0).
+
+    Every argument may have any strides. The caches are written in place: they must not overlap
+    themselves (no ``expand()``-ed views), each other, or the index inputs; ``k_cache`` and
+    ``v_cache`` may be the two halves of one allocation. Contract: ``docs/API.md``.
 
     Examples
     --------
-    >>> import torch, loramix_kernels
-    >>> from loramix_kernels.ops.kv import compact_kv_
+    >>> import torch
+    >>> from loramix_kernels import compact_kv_
     >>> k = torch.arange(8.).view(1, 8, 1, 1); v = k.clone()
     >>> compact_kv_(k, v, torch.tensor([[0]]), torch.tensor([8]), torch.tensor([[0, 2, 3, -1]]),
     ...             torch.tensor([2]))

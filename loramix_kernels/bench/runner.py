@@ -1,6 +1,6 @@
 """Benchmark runner: times our ops against their baselines in one run, on one device.
 
-Each suite ``bench/bench_<family>.py`` provides
+Each suite ``loramix_kernels/bench/bench_<family>.py`` provides
 
 * ``cases(quick: bool) -> list[dict]``: the shapes (``quick`` = small CPU shapes);
 * ``make_inputs(case, device) -> dict``: one setup factory shared with the pytest-benchmark tests;
@@ -67,9 +67,7 @@ def time_fn(fn, device: torch.device, quick: bool) -> float:
 
 
 def load_suite(name: str):
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module(f"bench_{name}")
+    return importlib.import_module(f"loramix_kernels.bench.bench_{name}")
 
 
 def git_commit() -> str | None:

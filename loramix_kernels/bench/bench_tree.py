@@ -8,7 +8,7 @@ while ours reads the paged cache directly.
 
 Roofline bytes = every request's cached K and V read once per KV head (prefix + the N tree nodes)
 + q + out, in bf16. Run through ``python -m loramix_kernels.bench tree [--full] [--json PATH]``,
-or as pytest-benchmark tests: ``pytest bench/bench_tree.py``.
+or as pytest-benchmark tests: ``pytest loramix_kernels/bench/bench_tree.py``.
 """
 
 import itertools

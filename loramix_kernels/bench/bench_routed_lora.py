@@ -4,7 +4,7 @@ its backward against the per-expert (m-LoRA) and dense-GEMM PyTorch backwards.
 
 Roofline bytes = x + the expected active experts' weights + y (bf16), the floor that a token-major
 kernel meets. Run through ``python -m loramix_kernels.bench routed_lora [--full] [--json PATH]``,
-or as pytest-benchmark tests: ``pytest bench/bench_routed_lora.py``.
+or as pytest-benchmark tests: ``pytest loramix_kernels/bench/bench_routed_lora.py``.
 """
 
 import itertools
