@@ -45,7 +45,8 @@ class OpDef:
     cpu: Callable
     fake: Callable
     differentiable: bool
-    mutates: tuple[str, ...]
+    #: Positions of the arguments written in place (``Tensor(a!)`` in the schema).
+    mutates: tuple[int, ...]
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -119,16 +120,15 @@ def register_op(
 
 def _first_tensor_position(schema: str) -> int:
     """Index of the first ``Tensor`` argument: its device picks the kernel."""
-    args = schema[schema.index("(") + 1: schema.index(")")].split(",")
-    for i, a in enumerate(args):
-        if a.strip().startswith("Tensor"):
+    for i, a in enumerate(torch._C.parse_schema("loramix::op" + schema).arguments):
+        if a.type.kind() == "TensorType":
             return i
     raise ValueError(f"schema {schema!r} has no Tensor argument")
 
 
-def _mutated_arguments(schema: str) -> tuple[str, ...]:
-    args = schema[schema.index("(") + 1: schema.index(")")].split(",")
-    return tuple(a.split()[-1] for a in args if "!)" in a)
+def _mutated_arguments(schema: str) -> tuple[int, ...]:
+    args = torch._C.parse_schema("loramix::op" + schema).arguments
+    return tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write)
 
 
 def _register_autocast(name: str, device_type: str, positions: tuple[int, ...]) -> None:
