@@ -42,13 +42,13 @@ def validate_route_topk(logits, k, renormalize):
 
 
 def _tiles(T: int, E: int, k: int):
-    """(BLOCK_T, BLOCK_E, BLOCK_K, num_warps). A program holds BLOCK_T whole rows: ~2K elements per
-    [BLOCK_T, BLOCK_E] tile (16 fp32 per thread at 4 warps, several live tiles without spills), and
-    fewer rows when T is small, so that short prefills still spread over many programs."""
+    """(BLOCK_T, BLOCK_E, BLOCK_K, num_warps). A program holds BLOCK_T whole rows: up to 2K
+    elements per [BLOCK_T, BLOCK_E] tile, fewer rows when T is small so that short prefills still
+    spread over many programs, and one warp per 256 elements (8 per thread: the probabilities,
+    the selection key and the index tiles stay in registers without spills at sm_90)."""
     block_e = next_pow2(E)
     block_t = max(1, min(128, 2048 // block_e, next_pow2(cdiv(T, 256))))
-    elems = block_t * block_e
-    num_warps = 4 if elems >= 2048 else 2 if elems >= 512 else 1
+    num_warps = max(1, min(8, block_t * block_e // 256))
     return block_t, block_e, next_pow2(k), num_warps
 
 
