@@ -365,7 +365,7 @@ def _assert_wellformed(op, args, out):
         assert path[0] == 0 and path == sorted(set(path)) and bool((acc[b, int(n[b]) + 1:] == -1).all())
 
 
-def _paths():
+def _exec_paths():
     out = []
     for p in backends():
         name, device, ctx = p.values
@@ -375,7 +375,7 @@ def _paths():
     return out
 
 
-@pytest.mark.parametrize("path, device, ctx, unchecked", _paths())
+@pytest.mark.parametrize("path, device, ctx, unchecked", _exec_paths())
 @pytest.mark.parametrize("case_id, op, make, expect", TABLE, ids=[row[0] for row in TABLE])
 def test_adversarial(case_id, op, make, expect, path, device, ctx, unchecked):
     if path == "cpu-unchecked" and op == "compact_kv_" and isinstance(expect, ValueBad):
