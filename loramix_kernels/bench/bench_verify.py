@@ -38,6 +38,8 @@ class TorchStream:
 
     def __init__(self, seed, offset, device):
         self.g = torch.Generator(device=device)
+        # any injective-enough mix of the two ints (1_000_003: a prime, so nearby (seed, offset)
+        # pairs do not collide); torch seeds must be non-negative 63-bit
         self.g.manual_seed((seed * 1_000_003 + offset) & ((1 << 63) - 1))
 
     def accept(self, b, node):

@@ -202,6 +202,11 @@ def _alloc_outputs(B, N, dev):
             torch.empty(B, dtype=torch.int64, device=dev))
 
 
+#: Trees up to this many nodes walk in one warp (the walk is a chain of dependent reductions, so
+#: more warps only add synchronisation).
+GREEDY_ONE_WARP_NODES = 64
+
+
 def verify_greedy_triton(tokens, parents, target_ids):
     """Launcher: allocate, one program per request (``_verify_greedy_kernel``)."""
     from ..kernels.verify import _verify_greedy_kernel
@@ -215,7 +220,7 @@ def verify_greedy_triton(tokens, parents, target_ids):
         tokens.stride(0), tokens.stride(1), parents.stride(0), parents.stride(1),
         target_ids.stride(0), target_ids.stride(1), acc.stride(0), acc.stride(1),
         acc_len.stride(0), nxt.stride(0),
-        BLOCK_N=pow2_at_least(N), num_warps=1 if N <= 64 else 4,
+        BLOCK_N=pow2_at_least(N), num_warps=1 if N <= GREEDY_ONE_WARP_NODES else 4,
     )
     return acc, acc_len, nxt
 

@@ -2,10 +2,10 @@
 
 Semantics: ``docs/API.md`` (``verify_greedy`` / ``verify_sampling`` / ``match_branch``). No
 triton, no kernels: this module is what runs where neither the Triton kernels nor the native
-extension do, and what the tests compare them with. Every
-function here is vectorised over the batch: the tree walk advances all requests one child test per
-step (at most N steps, since a request tests each node at most once), so the statistical tests can
-draw 200,000 samples as one batch of 200,000 requests in one call.
+extension do, and what the tests compare them with. Every function here is vectorised over the
+batch: the tree walk advances all requests one child test per step (at most N steps, since a
+request tests each node at most once), so the statistical tests can draw 200,000 samples as one
+batch of 200,000 requests in one call.
 
 The sampling algorithm (shared bit for bit with ``csrc/verify.cpp`` and the Triton kernel)
 ------------------------------------------------------------------------------------------
