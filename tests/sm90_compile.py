@@ -133,9 +133,9 @@ def scenarios():
             for ns in (1, 4):
                 tree.append(tree_attn(D, N, Hq, Hkv, ns))
 
+    from loramix_kernels.bench.bench_verify import verify_sampling_separate_pass
     from loramix_kernels.ops import kv as kvops
     from loramix_kernels.ops import verify as vf
-    from loramix_kernels.reference.verify import verify_sampling_separate_pass
 
     def verify(B, N, V, draft):
         def go():
@@ -143,11 +143,13 @@ def scenarios():
             tokens = torch.zeros(B, N, dtype=torch.int64)
             p = torch.full((B, N, V), 1.0 / V)
             q = p.clone() if draft else None
-            vf.verify_sampling_forward(tokens, parents, p, q, 0, 0)
-            vf.verify_greedy_forward(tokens, parents, tokens)
+            vf.verify_sampling_triton(tokens, parents, p, q, 0, 0)
+            # RNG words are int32 and never specialised: any seed / offset, one compiled kernel
+            vf.verify_sampling_triton(tokens, parents, p, q, -1, 2 ** 62 + 2 ** 31 + 5)
+            vf.verify_greedy_triton(tokens, parents, tokens)
             # (outputs are never written here: kernels are compiled, not run)
             acc = torch.arange(N, dtype=torch.int32).repeat(B, 1)
-            vf.match_branch_forward(acc, torch.zeros(B, dtype=torch.int32), torch.zeros(B, dtype=torch.int64),
+            vf.match_branch_triton(acc, torch.zeros(B, dtype=torch.int32), torch.zeros(B, dtype=torch.int64),
                                     torch.zeros(B, 4, dtype=torch.int32), torch.zeros(B, 4, dtype=torch.int64))
             if draft:
                 verify_sampling_separate_pass(tokens, parents, p, q, 0, 0)

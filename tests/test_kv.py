@@ -124,3 +124,39 @@ def test_compact_kv_opcheck(name, device, ctx):
         torch.library.opcheck(torch.ops.loramix.compact_kv_.default,
                               (k.to(device), v.to(device), bt.to(device), seq.to(device),
                                acc.to(device), n.to(device)))
+
+
+def sample_inputs(device):
+    """(op name, args) for compact_kv_ (tests/test_contract.py runs opcheck, compile and strided
+    views on them): fp32 / fp16 / bf16 caches, int32 and int64 indices, one position per block, a
+    request that accepts nothing, an empty batch."""
+    out = []
+    for B, N, block_size, H, D, dtype, idt in [(3, 7, 4, 2, 8, torch.float32, torch.int32),
+                                               (2, 5, 16, 3, 4, torch.float16, torch.int64),
+                                               (2, 4, 1, 1, 4, torch.bfloat16, torch.int32)]:
+        g = torch.Generator().manual_seed(B * N + block_size)
+        acc, n = _paths(B, N, g)
+        n[-1] = 0  # the last request accepts nothing (no move)
+        acc[-1, 1:] = -1
+        k, v, bt, seq = _cache(B, N, block_size, H, D, dtype, g)
+        args = (k, v, bt.to(idt), seq.to(idt), acc.to(idt), n.to(idt))
+        out.append(("compact_kv_", tuple(a.to(device) for a in args)))
+    k = torch.zeros(2, 4, 1, 2)
+    empty = torch.zeros(0, 3, dtype=torch.int64)
+    out.append(("compact_kv_", tuple(a.to(device) for a in (k, k.clone(), empty[:, :1], empty[:, 0],
+                                                             empty, empty[:, 0]))))
+    return out
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_compact_kv_sample_inputs(name, device, ctx):
+    """Every sample equals an independent sequential copy, also with strided index views."""
+    from tests.common import strided
+
+    for _, args in sample_inputs(device):
+        want_k, want_v = _oracle(*(a.cpu() for a in args))
+        for view in (lambda t: t, strided):
+            k, v = args[0].clone(), args[1].clone()
+            with ctx():
+                compact_kv_(k, v, *(view(a) for a in args[2:]))
+            assert torch.equal(k.cpu(), want_k) and torch.equal(v.cpu(), want_v)

@@ -25,7 +25,7 @@ batch, each request its own independent Philox stream. Checks, all at a fixed se
 
 A floor of 1e-6 over the ~60 p-values of this file keeps the false-failure probability below
 1e-4 for a correct sampler, while the deliberately biased sampler (accept with p/q but no
-residual) gives p-values of 0 (test ``test_biased_sampler_is_caught``).
+residual, :func:`no_residual_sampler`) gives p-values of 0 (test ``test_biased_sampler_is_caught``).
 """
 
 import math
@@ -33,16 +33,18 @@ import math
 import pytest
 import torch
 
-from loramix_kernels import _backend
-from loramix_kernels.ops.verify import match_branch, verify_greedy, verify_sampling
+from loramix_kernels import _backend, match_branch, verify_greedy, verify_sampling
+from loramix_kernels.ops import verify as verify_ops
 from loramix_kernels.reference.verify import (
     match_branch_ref,
+    sanitize_parents,
     verify_greedy_ref,
     verify_sampling_literal,
     verify_sampling_ref,
 )
 
-from tests.common import HAS_CUDA, TRITON_DEVICE, TRITON_OK, backends, reference_path, requires_cuda, triton_path
+from tests.common import (HAS_CUDA, TRITON_DEVICE, TRITON_OK, backends, reference_path, requires_cuda,
+                          requires_triton, strided, to_device, triton_path, value_checks_off)
 
 P_FLOOR = 1e-6
 
@@ -84,6 +86,37 @@ def greedy_walk_py(tokens, parents, target):
         lens[b] = len(path) - 1
         nxt[b] = int(target[b, u])
     return acc, lens, nxt
+
+
+def no_residual_sampler(tokens, parents, target_probs, draft_probs, seed):
+    """The classic bug, for ``test_biased_sampler_is_caught``: each child in index order is
+    accepted with probability ``min(1, p(x) / q(x))`` (without draft probabilities ``p(x)``), but
+    after a rejection the next sibling and the final correction use the unmodified target ``p``
+    instead of the residual. Written independently of the reference (torch's generator)."""
+    g = torch.Generator().manual_seed(seed)
+    B, N = tokens.shape
+    par = sanitize_parents(parents)
+    tok = tokens.long()
+    idx = torch.arange(N)
+    rows = torch.arange(B)
+    acc = torch.full((B, N), -1, dtype=torch.int64)
+    acc[:, 0] = 0
+    u = torch.zeros(B, dtype=torch.int64)
+    j = torch.zeros(B, dtype=torch.int64)  # children of u still to test are > j
+    n = torch.zeros(B, dtype=torch.int64)
+    for _ in range(N):
+        nxt = torch.where((par == u[:, None]) & (idx > j[:, None]), idx, N).min(1).values
+        has = nxt < N
+        x = tok.gather(1, nxt.clamp(max=N - 1)[:, None])[:, 0]
+        px = target_probs[rows, u, x].double()
+        ratio = px if draft_probs is None else px / draft_probs[rows, u, x].double()
+        ok = has & (torch.rand(B, generator=g, dtype=torch.float64) < ratio)
+        n = n + ok.long()
+        acc[rows[ok], n[ok]] = nxt[ok]
+        u = torch.where(ok, nxt, u)
+        j = torch.where(has, nxt, j)
+    y = torch.multinomial(target_probs[rows, u].double(), 1, generator=g)[:, 0]
+    return acc.to(torch.int32), n.to(torch.int32), y
 
 
 def chi2_pooled(obs, exp):
@@ -340,7 +373,7 @@ def test_biased_sampler_is_caught(draft):
     the statistics must reject it (shows the tests above can fail)."""
     s = Setup("tree", draft, 8, seed=11)
     tokens, parents, p, q = s.batch(200_000, seed=5)
-    out = verify_sampling_ref(tokens, parents, p, q, 2024, 7, residual=False)
+    out = no_residual_sampler(tokens, parents, p, q, 2024)
     rep = check_lossless(s, tokens, out, want_fail=True)
     assert min(v for k, v in rep.items() if k.startswith("pos")) < P_FLOOR, rep
     assert rep["seq_chi2"] < P_FLOOR, rep
@@ -443,9 +476,7 @@ def _random_sampling_inputs(B, N, V, draft, seed, gen_tree=True):
 @pytest.mark.parametrize("draft", [True, False])
 def test_cpp_matches_torch_reference(draft):
     """The C++ walk and the vectorised torch reference share the algorithm and Philox stream."""
-    from loramix_kernels.ops.verify import _cext
-
-    if _cext() is None:
+    if not verify_ops.native_available():
         pytest.skip("C++ extension not built")
     tok, par, p, q = _random_sampling_inputs(3000, 11, 7, draft, seed=3)
     with reference_path():
@@ -455,8 +486,8 @@ def test_cpp_matches_torch_reference(draft):
     same = (got[0] == want[0]).all(1) & (got[1] == want[1]) & (got[2] == want[2])
     assert float(same.float().mean()) >= 0.999
     assert int(got[1].max()) >= 2
-    gg = verify_greedy(tok, par, tok.roll(1, 1))
     with reference_path():
+        gg = verify_greedy(tok, par, tok.roll(1, 1))
         for a, b in zip(gg, verify_greedy_ref(tok, par, tok.roll(1, 1))):
             assert torch.equal(a, b)
 
@@ -516,7 +547,7 @@ def test_sampling_edge_cases(name, device, ctx):
 @pytest.mark.parametrize("name, device, ctx", backends())
 def test_sampling_determinism(name, device, ctx):
     tok, par, p, q = _random_sampling_inputs(64, 9, 11, True, seed=7)
-    tok, par, p, q = (t.to(device) for t in (tok, par, p, q))
+    tok, par, p, q = to_device((tok, par, p, q), device)
     with ctx():
         a = verify_sampling(tok, par, p, q, seed=3, offset=4)
         b = verify_sampling(tok, par, p, q, seed=3, offset=4)
@@ -559,7 +590,8 @@ def test_match_branch(name, device, ctx, M):
 
 
 # --------------------------------------------------------------------------------------------------
-# bad input, opcheck
+# bad input (the table of tests/test_verify_adversarial.py covers more; opcheck, compile and strided
+# views of every op run in tests/test_contract.py on sample_inputs below)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -572,7 +604,7 @@ def _good(B=2, N=4, V=5):
 
 @pytest.mark.parametrize("name, device, ctx", backends())
 def test_bad_inputs(name, device, ctx):
-    tok, par, p, q = (t.to(device) for t in _good())
+    tok, par, p, q = to_device(_good(), device)
     with ctx():
         def run(tok=tok, par=par, p=p, q=q):
             return verify_sampling(tok, par, p, q, 0, 0)
@@ -612,7 +644,7 @@ def test_bad_inputs(name, device, ctx):
                 run(q=zq)
             with pytest.raises(ValueError, match="tokens"):
                 run(tok=tok + 10)
-            for bad in ([0, 0, 0, 1], [-1, 0, 3, 1], [-1, 0, -1, 2], [-1, -2, 0, 1]):
+            for bad in ([0, 0, 0, 1], [-1, 0, 3, 1], [-1, 0, 2, 1], [-1, -2, 0, 1]):
                 pb = par.clone()
                 pb[1] = torch.tensor(bad)
                 with pytest.raises(ValueError, match="parents.*not a tree"):
@@ -623,13 +655,229 @@ def test_bad_inputs(name, device, ctx):
                 match_branch(tok, tok[:, 0] + 7, tok[:, 0], tok, tok)
 
 
+# --------------------------------------------------------------------------------------------------
+# sample inputs (tests/test_contract.py runs opcheck, compile and strided views on them)
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_inputs(device):
+    """(op name, args) for every op of the family, small enough for the interpreter: int32 and
+    int64 indices, fp32 / fp16 / bf16 probabilities, with and without draft probabilities, a
+    padding node with a node hanging from it, root-only trees, an empty batch, M = 0."""
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for (B, N, V, draft, pdt, idt) in [(3, 6, 9, True, torch.float32, torch.int64),
+                                       (2, 5, 11, False, torch.float16, torch.int32),
+                                       (2, 4, 5, True, torch.bfloat16, torch.int32),
+                                       (2, 1, 3, False, torch.float32, torch.int64)]:
+        tok, par, p, q = _random_sampling_inputs(B, N, V, draft, seed=B * N + V)
+        if N >= 5:  # node 2 padding, node 3 hanging from it (unreachable, accepted by the rule)
+            par[0, 2], par[0, 3] = -1, 2
+        tok, par = tok.to(idt), par.to(idt)
+        p = p.to(pdt)
+        q = None if q is None else q.to(pdt)
+        out.append(("verify_sampling", to_device((tok, par, p, q, B + N, 2 ** 33 + V), device)))
+        out.append(("verify_greedy", to_device((tok, par, tok.roll(1, 1)), device)))
+        acc, n, nxt = verify_greedy_ref(tok, par, tok.roll(1, 1))
+        for M in (0, 4):
+            anchor = torch.randint(-1, N, (B, M), generator=g).to(idt)
+            anchor[:, :1] = acc.gather(1, n.long()[:, None])[:, :1].to(idt)[:, :M]
+            btok = torch.randint(0, V, (B, M), generator=g)
+            btok[:, :1] = nxt[:, None][:, :M]
+            out.append(("match_branch", to_device((acc, n, nxt, anchor, btok), device)))
+    z = torch.zeros(0, 4, dtype=torch.int64)
+    out.append(("verify_greedy", to_device((z, z, z), device)))
+    out.append(("verify_sampling", to_device((z, z, torch.zeros(0, 4, 3), None, 0, 0), device)))
+    return out
+
+
+def _run(name, args):
+    return getattr(torch.ops.loramix, name)(*args)
+
+
 @pytest.mark.parametrize("name, device, ctx", backends())
-def test_opcheck(name, device, ctx):
-    tok, par, p, q = (t.to(device) for t in _random_sampling_inputs(6, 7, 9, True, seed=1))
-    acc, n, nxt = verify_greedy_ref(tok.cpu(), par.cpu(), tok.roll(1, 1).cpu())
+def test_sample_inputs_match_reference_and_strided(name, device, ctx):
+    """Every sample equals the reference function, also with every tensor argument a strided
+    view (1-D ones included)."""
+    refs = {"verify_greedy": verify_greedy_ref, "verify_sampling": verify_sampling_ref,
+            "match_branch": match_branch_ref}
+    for op, args in sample_inputs(device):
+        want = refs[op](*to_device(args, "cpu"))
+        with ctx():
+            got = _run(op, args)
+            got_strided = _run(op, strided(args))
+        for g_ in (got, got_strided):
+            for a, b in zip(g_ if isinstance(g_, tuple) else (g_,), want if isinstance(want, tuple) else (want,)):
+                assert torch.equal(a.cpu(), b), (op, [getattr(t, "dtype", t) for t in args])
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9: strides of 1-D arguments, int64 seeds and offsets, the one parents rule
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_match_branch_strided_1d(name, device, ctx):
+    """match_branch reads accept_len / next_token through their strides (the Triton kernel
+    indexed ``ptr + b`` and returned [0, -1, -1] here)."""
+    acc = torch.tensor([[0, 1, 2], [0, 2, 1], [0, 3, -1]]).to(device)
+    accept_len = torch.tensor([[1, 0], [2, 0], [1, 0]]).to(device)[:, 0]
+    next_token = torch.tensor([[7, 9], [8, 9], [6, 9]]).to(device)[:, 0]
+    anchor = torch.tensor([[1, 0], [0, 1], [3, 3]]).to(device)
+    btok = torch.tensor([[7, 7], [8, 8], [6, 5]]).to(device)
+    assert not accept_len.is_contiguous() and not next_token.is_contiguous()
     with ctx():
-        torch.library.opcheck(torch.ops.loramix.verify_greedy.default, (tok, par, tok.roll(1, 1)))
-        torch.library.opcheck(torch.ops.loramix.verify_sampling.default, (tok, par, p, q, 3, 1))
-        torch.library.opcheck(torch.ops.loramix.verify_sampling.default, (tok, par.int(), p, None, 3, 1))
-        torch.library.opcheck(torch.ops.loramix.match_branch.default,
-                              (acc.to(device), n.to(device), nxt.to(device), par, tok))
+        got = match_branch(acc, accept_len, next_token, anchor, btok)
+    assert got.tolist() == [0, 1, 0]
+    assert torch.equal(got.cpu(), match_branch_ref(acc.cpu(), accept_len.cpu(), next_token.cpu(),
+                                                   anchor.cpu(), btok.cpu()))
+
+
+#: int64 seeds and offsets at the edges of every 32-bit word (issue 9.2): offset mod 2^32 >= 2^31,
+#: offsets >= 2^62 (c2 wraps mod 2^32), negative values (taken mod 2^64).
+EDGE_INT64 = [2 ** 31, 2 ** 32 - 1, 2 ** 62 + 5, -1, -(2 ** 63), 2 ** 63 - 1, 0]
+
+
+def _exec_paths():
+    """(name, context) of every path computing verify_sampling: the CPU op (C++ when built),
+    and the Triton kernels where they run."""
+    out = [("cpu", reference_path)]
+    if TRITON_OK:
+        out.append(("triton", triton_path))
+    return out
+
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_sampling_int64_seeds_and_offsets_all_paths(draft):
+    """Every int64 seed and offset works on every path, with the same outputs as the reference
+    (the Triton kernel failed to compile for offset mod 2^32 >= 2^31, offsets >= 2^62 and
+    negative ones: "Cannot bitcast data-type of size 64 to data-type of size 32")."""
+    tok, par, p, q = _random_sampling_inputs(8, 7, 13, draft, seed=21)
+    seen = set()
+    pairs = [(0, o) for o in EDGE_INT64] + [(sd, 3) for sd in EDGE_INT64] + [(-1, -1), (2 ** 31, 2 ** 62 + 5)]
+    for seed, offset in pairs:
+        want = verify_sampling_ref(tok, par, p, q, seed, offset)
+        seen.add(tuple(want[2].tolist()))
+        for path, ctx in _exec_paths():
+            dev = TRITON_DEVICE if path == "triton" else "cpu"
+            with ctx():
+                got = verify_sampling(*to_device((tok, par, p, q), dev), seed=seed, offset=offset)
+            for a, b in zip(got, want):
+                assert torch.equal(a.cpu(), b), (path, seed, offset)
+    assert len(seen) >= len(pairs) - 2  # distinct (seed, offset) give distinct streams
+
+
+def test_sampling_seed_offset_must_fit_int64():
+    tok, par, p, q = _good()
+    with pytest.raises(ValueError, match="verify_sampling: offset must fit in int64"):
+        verify_sampling(tok, par, p, q, 0, 2 ** 63)
+    with pytest.raises(ValueError, match="verify_sampling: seed must fit in int64"):
+        verify_sampling(tok, par, p, q, -(2 ** 63) - 1, 0)
+    with pytest.raises(TypeError, match="verify_sampling: seed must be an int"):
+        verify_sampling(tok, par, p, q, 1.5, 0)
+
+
+def _orphan_case(idx_dtype):
+    """Node 2 is padding and node 3 hangs from it; node 3's token is the target's pick and has all
+    the probability mass, so a walk that could reach node 3 would accept it."""
+    par = torch.tensor([[-1, 0, -1, 2, 0]] * 4, dtype=idx_dtype)
+    tok = torch.tensor([[0, 1, 2, 3, 4]] * 4, dtype=idx_dtype)
+    V = 5
+    p = torch.full((4, 5, V), 0.01)
+    p[:, :, 3] = 0.96  # the target wants token 3 everywhere: node 3 if reachable
+    return tok, par, p, V
+
+
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_node_under_padding_accepted_by_validation_never_accepted(idx_dtype):
+    """The one parents rule (docs/API.md): a node hanging from a padding node passes validation
+    (verify used to reject it) and is never accepted, on every path: the reference functions,
+    the CPU op (C++), and Triton."""
+    tok, par, p, V = _orphan_case(idx_dtype)
+    target = torch.full_like(tok, 3)
+    paths = [("ref", None)] + _exec_paths()
+    for seed in range(4):
+        for path, ctx in paths:
+            dev = TRITON_DEVICE if path == "triton" else "cpu"
+            args = to_device((tok, par, p), dev)
+            for q in (None, torch.softmax(torch.randn(4, 5, V, generator=torch.Generator().manual_seed(seed)), -1)):
+                qd = None if q is None else q.to(dev)
+                if path == "ref":
+                    outs = [verify_sampling_ref(*args, qd, seed, seed), verify_greedy_ref(args[0], args[1], target)]
+                else:
+                    with ctx():
+                        outs = [verify_sampling(*args, qd, seed=seed, offset=seed),
+                                verify_greedy(args[0], args[1], target.to(dev))]
+                for acc, n, nxt in outs:
+                    assert not bool((acc.cpu() == 3).any()), (path, seed)
+                    assert not bool((acc.cpu() == 2).any())
+    # greedy on a path that would go 0 -> 2 -> 3 if padding were walked
+    with reference_path():
+        acc, n, nxt = verify_greedy(tok, par, torch.tensor([[2, 0, 3, 0, 0]] * 4, dtype=idx_dtype))
+    assert acc[0].tolist() == [0, -1, -1, -1, -1] and nxt.tolist() == [2] * 4
+
+
+@pytest.mark.skipif(not verify_ops.native_available(), reason="C++ extension not built")
+@pytest.mark.parametrize("pdt", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("idt", [torch.int32, torch.int64])
+def test_native_reads_dtypes_and_strides_in_place(pdt, idt):
+    """The C++ ops read int32 / int64 indices and fp16 / bf16 / fp32 probabilities with their
+    strides (no Python-side copies): strided views give the reference's result on the same
+    values."""
+    tok, par, p, q = _random_sampling_inputs(40, 8, 10, True, seed=5)
+    tok, par, p, q = tok.to(idt), par.to(idt), p.to(pdt), q.to(pdt)
+    want = verify_sampling_ref(tok, par, p, q, 9, 2 ** 40 + 1)
+    # probabilities transposed in memory (vocabulary not the fastest dimension), indices strided
+    pt = p.transpose(1, 2).contiguous().transpose(1, 2)
+    got = torch.ops.loramix._verify_sampling_cpu(strided(tok), strided(par), pt, strided(q), 9, 2 ** 40 + 1)
+    same = (got[0] == want[0]).all(1) & (got[1] == want[1]) & (got[2] == want[2])
+    assert float(same.float().mean()) >= 0.97 and int(got[1].max()) >= 2
+    gw = verify_greedy_ref(tok, par, tok.roll(1, 1))
+    gg = torch.ops.loramix._verify_greedy_cpu(strided(tok), par.t().contiguous().t(), strided(tok.roll(1, 1)))
+    for a, b in zip(gg, gw):
+        assert torch.equal(a, b)
+
+
+def test_cpu_fallback_without_native_warns_once(monkeypatch):
+    """Without the native extension the CPU kernels run the vectorised reference and say so once."""
+    monkeypatch.setattr(verify_ops, "native_available", lambda: False)
+    _backend.warn_once.cache_clear()
+    tok, par, p, q = _random_sampling_inputs(5, 6, 7, True, seed=2)
+    with reference_path():
+        with pytest.warns(RuntimeWarning, match="slower vectorised PyTorch reference"):
+            got = verify_sampling(tok, par, p, q, seed=1, offset=2)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            got_g = verify_greedy(tok, par, tok.roll(1, 1))
+    for a, b in zip(got, verify_sampling_ref(tok, par, p, q, 1, 2)):
+        assert torch.equal(a, b)
+    for a, b in zip(got_g, verify_greedy_ref(tok, par, tok.roll(1, 1))):
+        assert torch.equal(a, b)
+
+
+@requires_triton
+def test_wide_int64_values_are_not_narrowed():
+    """Range tests and compares run in the input's own width (issue 9.6): with value checks off
+    (CUDA's default) an int64 parent 2^32 + 1, token 2^32 + 3 and target 2^32 + 3 are not parent 1
+    / token 3, on the Triton and the CPU paths alike."""
+    big = 2 ** 32
+    par = torch.tensor([[-1, 0, big + 1, 0]])  # node 2: invalid parent -> padding, not parent 1
+    tok = torch.tensor([[0, big + 3, 3, 3]])   # node 1's token is not 3
+    tgt = torch.tensor([[3, 3, 0, 7]])
+    p = torch.zeros(1, 4, 5)
+    p[..., 3] = 1.0
+    with value_checks_off():
+        for path, ctx in _exec_paths():
+            dev = TRITON_DEVICE if path == "triton" else "cpu"
+            with ctx():
+                g = verify_greedy(*to_device((tok, par, tgt), dev))
+                s = verify_sampling(*to_device((tok, par, p), dev), None, 0, 0)
+            # narrowed, node 1 (token 3) and then node 2 (parent 1) would be accepted
+            assert g[0].tolist() == [[0, 3, -1, -1]] and g[2].tolist() == [7], path
+            assert s[0].tolist() == [[0, 3, -1, -1]], path
+            la = torch.tensor([big]).to(dev)                  # accept_len 2^32 clamps to N - 1
+            with ctx():
+                m = match_branch(torch.tensor([[0, 1, 2, 3]]).to(dev), la, torch.tensor([5]).to(dev),
+                                 torch.tensor([[big + 3, 3]]).to(dev), torch.tensor([[5, 5]]).to(dev))
+            assert m.tolist() == [1], path

@@ -1,19 +1,22 @@
-"""Benchmarks: verify_sampling, verify_greedy, compact_kv_ (runner suite "verify").
+"""Benchmarks: verify_sampling, verify_greedy (runner suite "verify"; compact_kv_ is suite "kv").
 
 Cases carry an ``op`` key. Shapes (``quick=False``): B in {1, 64, 256}, N in {4, 8, 64}; for
 verify_sampling also V in {32k, 128k} with fp32 draft and target probabilities (chains, so the
 vLLM-like baseline applies). Candidates, ours first:
 
 * ``loramix``: the op (one launch on CUDA; the C++ walk on CPU);
-* ``torch``: the vectorised torch implementation (``reference/verify.py``, torch's RNG);
+* ``torch``: the vectorised torch design (``reference.verify.verify_sampling_walk`` /
+  ``verify_greedy_ref``), drawing from torch's generator (:class:`TorchStream`) as a plain-torch
+  implementation would, rather than from a counter-based RNG computed in torch ops;
 * ``separate``: verify_sampling only, the vLLM rejection-sampler design -- a pass computing the
-  recovered token of every node from full rows of p and q, then the accept loop (Triton; GPU or
-  interpreter only).
+  recovered token of every node from full rows of p and q, then the accept loop
+  (:func:`verify_sampling_separate_pass`, this module's launcher of the two Triton kernels in
+  ``kernels/verify.py``; GPU or interpreter only).
 
 Roofline traffic (``traffic_bytes``): the bytes any exact sampler must read -- one full row of p
 and of q per request (the final node's residual race), plus the index rows and outputs; greedy:
-the three index rows and the outputs; compact_kv_: read + write of K and V for each moved node.
-Run: ``python -m loramix_kernels.bench verify`` (add ``--full`` on a GPU).
+the three index rows and the outputs. Run: ``python -m loramix_kernels.bench verify`` (add
+``--full`` on a GPU).
 """
 
 from __future__ import annotations
@@ -23,16 +26,73 @@ import torch
 
 import loramix_kernels  # noqa: F401
 from loramix_kernels import _backend
-from loramix_kernels.ops.kv import compact_kv_
+from loramix_kernels._tiles import pow2_at_least
 from loramix_kernels.ops.verify import verify_greedy, verify_sampling
-from loramix_kernels.reference.kv import compact_kv_ref_
-from loramix_kernels.reference.verify import (
-    verify_greedy_ref,
-    verify_sampling_ref,
-    verify_sampling_separate_pass,
-)
+from loramix_kernels.reference.verify import (rng_words, verify_greedy_ref, verify_sampling_ref,
+                                               verify_sampling_walk)
 
-KV_HEADS, HEAD_DIM, BLOCK_SIZE, PREFIX = 8, 128, 16, 1024
+
+class TorchStream:
+    """A random source for ``verify_sampling_walk`` backed by torch's generator seeded from
+    (seed, offset): the baseline's RNG (not reproducible across paths, unlike Philox)."""
+
+    def __init__(self, seed, offset, device):
+        self.g = torch.Generator(device=device)
+        # any injective-enough mix of the two ints (1_000_003: a prime, so nearby (seed, offset)
+        # pairs do not collide); torch seeds must be non-negative 63-bit
+        self.g.manual_seed((seed * 1_000_003 + offset) & ((1 << 63) - 1))
+
+    def accept(self, b, node):
+        return torch.rand(b.shape, generator=self.g, device=b.device)
+
+    def race(self, b, V):
+        return torch.empty(b.shape[0], V, device=b.device).exponential_(generator=self.g)
+
+
+def verify_sampling_torch(tokens, parents, target_probs, draft_probs, seed, offset):
+    """Baseline ``torch``: the vectorised reference walk with torch's RNG."""
+    return verify_sampling_walk(tokens, parents, target_probs, draft_probs,
+                                TorchStream(seed, offset, tokens.device))
+
+
+#: Widest vocabulary tile of the recover pass (4096 fp32 entries of p and q per step).
+SEPARATE_BLOCK_V_MAX = 4096
+
+
+def verify_sampling_separate_pass(tokens, parents, target_probs, draft_probs, seed, offset):
+    """Baseline ``separate``: the vLLM rejection-sampler design for chains, two Triton launches.
+
+    Pass 1 computes, for *every* node, the token that a rejection there would emit (an
+    exponential race over ``max(p - q, 0)``, or over p at the last node for the bonus token),
+    reading all ``B * N`` rows of p and q. Pass 2 runs the accept loop and picks. Lossless for
+    chains only (one child per node), like vLLM. Its random stream is its own (``tl.randint``).
+    """
+    from loramix_kernels.kernels.verify import _separate_accept_kernel, _separate_recover_kernel
+
+    B, N = tokens.shape
+    V = target_probs.shape[-1]
+    dev = tokens.device
+    k0, k1, c2a, c2r, c3 = rng_words(seed, offset)
+    seed64 = (k1 << 32) | k0
+    seed64 = seed64 - (1 << 64) if seed64 >= (1 << 63) else seed64
+    has_q = draft_probs is not None
+    q = draft_probs if has_q else target_probs
+    recovered = torch.empty(B, N, dtype=torch.int32, device=dev)
+    block_v = min(SEPARATE_BLOCK_V_MAX, pow2_at_least(V, 64))
+    _separate_recover_kernel[(B, N)](
+        tokens, q, target_probs, recovered, N, V, seed64, c2r, c3,
+        tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
+        recovered.stride(0), recovered.stride(1),
+        HAS_DRAFT=has_q, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+    acc = torch.empty(B, N, dtype=torch.int32, device=dev)
+    acc_len = torch.empty(B, dtype=torch.int32, device=dev)
+    nxt = torch.empty(B, dtype=torch.int64, device=dev)
+    _separate_accept_kernel[(B,)](
+        tokens, target_probs, q, recovered, acc, acc_len, nxt, N, V, seed64, c2a, c3,
+        tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
+        recovered.stride(0), recovered.stride(1), acc.stride(0), acc.stride(1),
+        HAS_DRAFT=has_q, BLOCK_N=pow2_at_least(N))
+    return acc, acc_len, nxt
 
 
 def cases(quick: bool):
@@ -40,7 +100,6 @@ def cases(quick: bool):
         out = [dict(op="verify_sampling", B=B, N=N, V=V, draft=True) for B, N, V in [(2, 4, 64), (3, 8, 200)]]
         out.append(dict(op="verify_sampling", B=2, N=8, V=64, draft=False))
         out += [dict(op="verify_greedy", B=B, N=N) for B, N in [(2, 4), (4, 64)]]
-        out += [dict(op="compact_kv_", B=B, N=N) for B, N in [(2, 4), (3, 8)]]
         return out
     out = []
     for B in (1, 64, 256):
@@ -49,7 +108,6 @@ def cases(quick: bool):
                 out.append(dict(op="verify_sampling", B=B, N=N, V=V, draft=True))
             out.append(dict(op="verify_sampling", B=B, N=N, V=131072, draft=False))
             out.append(dict(op="verify_greedy", B=B, N=N))
-            out.append(dict(op="compact_kv_", B=B, N=N))
     return out
 
 
@@ -78,18 +136,7 @@ def make_inputs(case, device):
         tok = torch.randint(0, 4, (B, N), device=device, generator=g)
         tgt = torch.randint(0, 4, (B, N), device=device, generator=g)
         return dict(tokens=tok, parents=parents, target=tgt)
-    # compact_kv_: every request accepts every other node of its tree region (maximal moves)
-    seq = torch.full((B,), PREFIX + N, dtype=torch.int32, device=device)
-    mb = (PREFIX + N + BLOCK_SIZE - 1) // BLOCK_SIZE
-    bt = torch.randperm(B * mb, device=device, generator=g).view(B, mb).to(torch.int32)
-    k = torch.randn(B * mb, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device=device, generator=g).to(torch.bfloat16
-                                                                                          if device.type == "cuda" else torch.float32)
-    v = torch.randn_like(k)
-    L = (N - 1) // 2
-    acc = torch.full((B, N), -1, dtype=torch.int32, device=device)
-    acc[:, : L + 1] = torch.arange(0, 2 * L + 1, 2, device=device, dtype=torch.int32)
-    n = torch.full((B,), L, dtype=torch.int32, device=device)
-    return dict(k=k, v=v, bt=bt, seq=seq, acc=acc, n=n)
+    raise ValueError(f"unknown op {case['op']!r}")
 
 
 def _triton_ok(device):
@@ -102,7 +149,7 @@ def candidates(case, inputs):
         t, par, p, q = inputs["tokens"], inputs["parents"], inputs["p"], inputs["q"]
         out = {
             "loramix": lambda: verify_sampling(t, par, p, q, seed=1, offset=0),
-            "torch": lambda: verify_sampling_ref(t, par, p, q, 1, 0, rng="torch"),
+            "torch": lambda: verify_sampling_torch(t, par, p, q, 1, 0),
         }
         if _triton_ok(p.device):
             out["separate"] = lambda: verify_sampling_separate_pass(t, par, p, q, 1, 0)
@@ -111,11 +158,7 @@ def candidates(case, inputs):
         t, par, tgt = inputs["tokens"], inputs["parents"], inputs["target"]
         return {"loramix": lambda: verify_greedy(t, par, tgt),
                 "torch": lambda: verify_greedy_ref(t, par, tgt)}
-    a = inputs
-    # The move is idempotent for this path (sources are never rewritten), so repeated timing
-    # calls do the same work.
-    return {"loramix": lambda: compact_kv_(a["k"], a["v"], a["bt"], a["seq"], a["acc"], a["n"]),
-            "torch": lambda: compact_kv_ref_(a["k"], a["v"], a["bt"], a["seq"], a["acc"], a["n"])}
+    raise ValueError(f"unknown op {op!r}")
 
 
 def traffic_bytes(case):
@@ -123,11 +166,7 @@ def traffic_bytes(case):
     if case["op"] == "verify_sampling":
         rows = 2 if case["draft"] else 1
         return B * (rows * case["V"] * 4 + 2 * N * 8 + N * 4 + 12)
-    if case["op"] == "verify_greedy":
-        return B * (3 * N * 8 + N * 4 + 12)
-    L = (case["N"] - 1) // 2
-    elem = 2 if torch.cuda.is_available() else 4
-    return B * (L * 2 * 2 * KV_HEADS * HEAD_DIM * elem + N * 4 + 8)
+    return B * (3 * N * 8 + N * 4 + 12)  # verify_greedy
 
 
 @pytest.mark.parametrize("case", cases(quick=True), ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
@@ -139,5 +178,10 @@ def test_bench_verify(benchmark, case):
     results = {name: fn() for name, fn in cands.items()}
     if case["op"] == "verify_greedy":  # exact op: the baseline must agree
         for a, b in zip(results["loramix"], results["torch"]):
+            assert torch.equal(a.cpu(), b.cpu())
+    else:  # same Philox stream as the reference (the torch baseline draws its own)
+        i = inputs
+        want = verify_sampling_ref(i["tokens"], i["parents"], i["p"], i["q"], 1, 0)
+        for a, b in zip(results["loramix"], want):
             assert torch.equal(a.cpu(), b.cpu())
     benchmark(cands["loramix"])

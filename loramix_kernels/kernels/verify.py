@@ -1,7 +1,8 @@
 """Triton kernels for multi-token acceptance: ``verify_greedy``, ``verify_sampling``,
-``match_branch``, and the separate-pass (vLLM-like) benchmark baseline.
+``match_branch``, and the separate-pass (vLLM-like) benchmark baseline's two kernels.
 
-Kernels only; launchers live in ``loramix_kernels/ops/verify.py``. The algorithm and the random
+Kernels only; the launchers live in ``loramix_kernels/ops/verify.py`` (the baseline's in
+``loramix_kernels/bench/bench_verify.py``). The algorithm and the random
 stream (Philox4x32-10 counters, uniform conversions) are specified in
 ``loramix_kernels/reference/verify.py``; the reference and ``csrc/verify.cpp`` reproduce them bit
 for bit, so the three paths agree on the same (seed, offset) up to rare fp32 rounding ties.
@@ -15,6 +16,27 @@ import triton
 import triton.language as tl
 
 _BIG = tl.constexpr(2147483647)  # "no such node / index" in masked mins
+
+# Uniforms from 32-bit Philox words (the same constants in reference/verify.py and csrc/verify.cpp).
+# Acceptance: the top 24 bits, U = (r >> 8) * 2^-24. An fp32 holds every multiple of 2^-24 in
+# [0, 1) exactly (24-bit significand), so the conversion has no rounding and U < 1 always.
+_ACCEPT_ULP = tl.constexpr(5.9604644775390625e-08)  # 2^-24
+# Race: the top 23 bits plus half a step, U = ((r >> 9) + 0.5) * 2^-23, exact in fp32 and strictly
+# inside (0, 1), so E = -log(U) is finite and > 0 and w / E never divides by zero.
+_RACE_ULP = tl.constexpr(1.1920928955078125e-07)  # 2^-23
+
+
+@triton.jit
+def _u32(word):
+    """A 32-bit RNG word passed as a signed int32 (the launcher's encoding: one kernel
+    specialisation for every seed and offset) reinterpreted as uint32."""
+    return word.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _philox_seed(key0, key1):
+    """The 64-bit Philox key ``key1 << 32 | key0`` from its two int32-encoded words."""
+    return (_u32(key1).to(tl.uint64) << 32) | _u32(key0).to(tl.uint64)
 
 
 @triton.jit
@@ -41,6 +63,7 @@ def _verify_greedy_kernel(
     tokens_ptr, parents_ptr, target_ptr, acc_idx_ptr, acc_len_ptr, next_ptr,
     N,
     stride_tb, stride_tn, stride_pb, stride_pn, stride_gb, stride_gn, stride_ab, stride_an,
+    stride_lb, stride_xb,
     BLOCK_N: tl.constexpr,
 ):
     """One program per request; grid ``(B,)``.
@@ -66,8 +89,8 @@ def _verify_greedy_kernel(
         u = tl.where(go, child, u)
         want = tl.load(target_ptr + b * stride_gb + u.to(tl.int64) * stride_gn)
     tl.store(acc_idx_ptr + b * stride_ab + idx * stride_an, acc, mask=idx < N)
-    tl.store(acc_len_ptr + b, n)
-    tl.store(next_ptr + b, want.to(tl.int64))
+    tl.store(acc_len_ptr + b * stride_lb, n)
+    tl.store(next_ptr + b * stride_xb, want.to(tl.int64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +101,8 @@ def _verify_greedy_kernel(
 @triton.jit
 def _race_bits(seed, v0, b32, c2, c3, QV: tl.constexpr):
     """Philox words for vocabulary entries v0 + 4 i + k as a [QV, 4] tile (output k of counter
-    v0 / 4 + i): one Philox call yields four entries' randomness."""
+    v0 / 4 + i): one Philox call yields four entries' randomness. ``b32``, ``c2``, ``c3`` are
+    uint32 scalars, ``seed`` the uint64 key."""
     ctr = (v0 // 4 + tl.arange(0, QV)).to(tl.uint32)
     z = ctr * 0
     r0, r1, r2, r3 = tl.philox(seed, ctr, z + b32, z + c2, z + c3)
@@ -88,10 +112,10 @@ def _race_bits(seed, v0, b32, c2, c3, QV: tl.constexpr):
 
 
 @triton.jit
-def _race_tile(w, m, offs, seed, v0, b32, c2_race, c3, QV: tl.constexpr):
+def _race_tile_best(w, m, offs, seed, v0, b32, c2_race, c3, QV: tl.constexpr):
     """Exponential race over one [QV, 4] vocabulary tile: (max of w / E, lowest index at the max)."""
     bits = _race_bits(seed, v0, b32, c2_race, c3, QV)
-    e = -tl.log(((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07)  # 2^-23
+    e = -tl.log(((bits >> 9).to(tl.float32) + 0.5) * _RACE_ULP)
     # Flattened to 1-D so each tile costs two reductions (max, then lowest index at the max).
     key = tl.reshape(tl.where(m, w / e, -1.0), [4 * QV])
     t_best = tl.max(key, axis=0)
@@ -113,13 +137,13 @@ def _residual_mass(p_row, q_row, c, V, stride_pv, stride_qv, QV: tl.constexpr):
     return tl.sum(tl.reshape(acc, [4 * QV]), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key0", "key1", "c2_accept", "c2_race", "c3"])
 def _verify_sampling_kernel(
     tokens_ptr, parents_ptr, p_ptr, q_ptr, acc_idx_ptr, acc_len_ptr, next_ptr,
-    N, V, seed, c2_accept, c2_race, c3,
+    N, V, key0, key1, c2_accept, c2_race, c3,
     stride_tb, stride_tn, stride_rb, stride_rn,
     stride_pb, stride_pn, stride_pv, stride_qb, stride_qn, stride_qv,
-    stride_ab, stride_an,
+    stride_ab, stride_an, stride_lb, stride_xb,
     HAS_DRAFT: tl.constexpr, BLOCK_N: tl.constexpr, QV: tl.constexpr,
 ):
     """One program per request; grid ``(B,)``. The algorithm of ``reference/verify.py``.
@@ -138,7 +162,15 @@ def _verify_sampling_kernel(
     alone. Without draft probabilities the children's tokens are removed from the race: a
     per-tile test (a [BLOCK_N] reduction) finds the rare tiles holding one, which then loop over
     the nodes.
+
+    Random words: ``key0, key1, c2_accept, c2_race, c3`` are the uint32 words of
+    ``reference.verify.rng_words(seed, offset)`` passed as signed int32 (never specialised), so
+    every int64 seed and offset runs the same compiled kernel.
     """
+    seed = _philox_seed(key0, key1)
+    c2_accept = _u32(c2_accept)
+    c2_race = _u32(c2_race)
+    c3 = _u32(c3)
     pid = tl.program_id(0)
     b = pid.to(tl.int64)
     idx, par, tok = _load_tree(tokens_ptr, parents_ptr, b, N, V, stride_tb, stride_tn,
@@ -156,10 +188,9 @@ def _verify_sampling_kernel(
     q_base = q_ptr + b * stride_qb
     # Acceptance uniforms of every node at once (counter c0 = node): one Philox call, not one per
     # tested child.
-    zn = (idx * 0).to(tl.int64)
-    r_acc = tl.philox(seed, idx.to(tl.uint32), b32 + idx.to(tl.uint32) * 0,
-                      (zn + c2_accept).to(tl.uint32), (zn + c3).to(tl.uint32))[0]
-    u_all = (r_acc >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24, U in [0, 1)
+    zn = idx.to(tl.uint32) * 0
+    r_acc = tl.philox(seed, idx.to(tl.uint32), zn + b32, zn + c2_accept, zn + c3)[0]
+    u_all = (r_acc >> 8).to(tl.float32) * _ACCEPT_ULP  # U in [0, 1)
     go = zero == 0
     while go:
         is_child = par == u
@@ -221,7 +252,7 @@ def _verify_sampling_kernel(
                 for jj in range(1, N):
                     tj = tl.max(tl.where(idx == jj, kid_tok, -1), axis=0)
                     w = tl.where(offs == tj, 0.0, w)
-        t_best, t_i = _race_tile(w, m, offs, seed, v0, b32, c2_race, c3, QV)
+        t_best, t_i = _race_tile_best(w, m, offs, seed, v0, b32, c2_race, c3, QV)
         upd = t_best > best
         best = tl.where(upd, t_best, best)
         best_i = tl.where(upd, t_i, best_i)
@@ -234,14 +265,14 @@ def _verify_sampling_kernel(
             offs = v0 + offs0
             m = offs < V
             p = tl.load(p_row + offs.to(tl.int64) * stride_pv, mask=m, other=0.0).to(tl.float32)
-            t_best, t_i = _race_tile(p, m, offs, seed, v0, b32, c2_race, c3, QV)
+            t_best, t_i = _race_tile_best(p, m, offs, seed, v0, b32, c2_race, c3, QV)
             upd = t_best > best_p
             best_p = tl.where(upd, t_best, best_p)
             out = tl.where(upd, t_i, out)
     out = tl.minimum(tl.maximum(out, 0), V - 1)
     tl.store(acc_idx_ptr + b * stride_ab + idx * stride_an, acc, mask=idx < N)
-    tl.store(acc_len_ptr + b, n)
-    tl.store(next_ptr + b, out.to(tl.int64))
+    tl.store(acc_len_ptr + b * stride_lb, n)
+    tl.store(next_ptr + b * stride_xb, out.to(tl.int64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,18 +284,21 @@ def _verify_sampling_kernel(
 def _match_branch_kernel(
     acc_idx_ptr, acc_len_ptr, next_ptr, anchor_ptr, btok_ptr, out_ptr,
     B, N, M,
-    stride_ab, stride_an, stride_hb, stride_hm, stride_kb, stride_km,
+    stride_ab, stride_an, stride_lb, stride_xb, stride_hb, stride_hm, stride_kb, stride_km,
+    stride_ob,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """A [BLOCK_B, BLOCK_M] tile of requests x branch slots per program; grid ``(cdiv(B, BLOCK_B),)``.
-    The first matching slot is a masked min over the slot axis."""
+    The first matching slot is a masked min over the slot axis. ``accept_len`` is clamped to
+    [0, N) in its own width (as the reference does); every compare runs in the wider of the two
+    operands' widths, never narrowed."""
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bm = rb < B
     rb64 = rb.to(tl.int64)
-    ln = tl.load(acc_len_ptr + rb64, mask=bm, other=0)
+    ln = tl.load(acc_len_ptr + rb64 * stride_lb, mask=bm, other=0)
     ln = tl.minimum(tl.maximum(ln, 0), N - 1).to(tl.int64)
     last = tl.load(acc_idx_ptr + rb64 * stride_ab + ln * stride_an, mask=bm, other=-1)
-    tokn = tl.load(next_ptr + rb64, mask=bm, other=0)
+    tokn = tl.load(next_ptr + rb64 * stride_xb, mask=bm, other=0)
     res = tl.full([BLOCK_B], _BIG, tl.int32)
     for m0 in range(0, M, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M)
@@ -273,7 +307,7 @@ def _match_branch_kernel(
         bt = tl.load(btok_ptr + rb64[:, None] * stride_kb + ms[None, :] * stride_km, mask=mm, other=0)
         hit = mm & (anc >= 0) & (anc == last[:, None]) & (bt == tokn[:, None])
         res = tl.minimum(res, tl.min(tl.where(hit, ms[None, :], _BIG), axis=1))
-    tl.store(out_ptr + rb64, tl.where(res < _BIG, res, -1), mask=bm)
+    tl.store(out_ptr + rb64 * stride_ob, tl.where(res < _BIG, res, -1), mask=bm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +342,7 @@ def _separate_recover_kernel(
         else:
             w = tl.where((offs == child_tok) & (leaf == 0), 0.0, p)
         r = tl.randint(seed, (b * N + u) * V + offs)
-        e = -tl.log(((r >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07)
+        e = -tl.log(((r >> 9).to(tl.float32) + 0.5) * _RACE_ULP)
         key = tl.where(m, w / e, -1.0)
         t_best = tl.max(key, axis=0)
         t_i = tl.argmax(key, axis=0)
@@ -337,7 +371,7 @@ def _separate_accept_kernel(
         xs = tl.minimum(tl.maximum(x, 0), V - 1).to(tl.int64)
         px = tl.load(p_ptr + b * stride_pb + (i - 1).to(tl.int64) * stride_pn + xs * stride_pv).to(tl.float32)
         r = tl.randint(seed, (b * N + i).to(tl.uint32))
-        U = (r >> 8).to(tl.float32) * 5.9604644775390625e-08
+        U = (r >> 8).to(tl.float32) * _ACCEPT_ULP
         if HAS_DRAFT:
             qx = tl.load(q_ptr + b * stride_qb + (i - 1).to(tl.int64) * stride_qn + xs * stride_qv).to(tl.float32)
             ok = U * qx < px

@@ -1,9 +1,11 @@
-"""Plain-PyTorch multi-token acceptance: CPU fallback, test oracle and benchmark baselines.
+"""Plain-PyTorch multi-token acceptance: CPU fallback, test oracle and benchmark baseline.
 
-Semantics (../shared/API.md, ``verify_greedy`` / ``verify_sampling`` / ``match_branch``). Every
-function here is vectorised over the batch: the tree walk advances all requests one child test per
-step (at most N steps, since a request tests each node at most once), so the statistical tests can
-draw 200,000 samples as one batch of 200,000 requests in one call.
+Semantics: ``docs/API.md`` (``verify_greedy`` / ``verify_sampling`` / ``match_branch``). No
+triton, no kernels: this module is what runs where neither the Triton kernels nor the native
+extension do, and what the tests compare them with. Every function here is vectorised over the
+batch: the tree walk advances all requests one child test per step (at most N steps, since a
+request tests each node at most once), so the statistical tests can draw 200,000 samples as one
+batch of 200,000 requests in one call.
 
 The sampling algorithm (shared bit for bit with ``csrc/verify.cpp`` and the Triton kernel)
 ------------------------------------------------------------------------------------------
@@ -36,7 +38,13 @@ Randomness: Philox4x32-10 keyed by ``seed`` (mod 2^64), counter ``(c0, c1 = requ
 child node ``c0``, kind 1 = the race, whose element ``v`` uses output ``v % 4`` of counter
 ``c0 = v // 4``. Every (request, node, draw) gets its own counter, so requests are independent.
 Uniforms: acceptance ``U = (r >> 8) * 2^-24`` in [0, 1); race ``U = ((r >> 9) + 0.5) * 2^-23``
-in (0, 1), ``E = -log U > 0``.
+in (0, 1), ``E = -log U > 0``. Both are exact in fp32 (a 24-bit significand holds every multiple of
+2^-24 in [0, 1)), so every path computes the same floats from the same words.
+
+Sanitising (what the kernels do with values the validation would reject, as on CUDA where value
+checks are off by default): a parent outside ``[0, i)`` counts as -1 (padding), a token outside
+``[0, V)`` is never accepted and never used as an address. Every comparison runs in int64, the
+inputs' own width or wider (an int64 parent 2^32 + 1 is not parent 1).
 """
 
 from __future__ import annotations
@@ -48,10 +56,15 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _M32 = 0xFFFFFFFF
 KIND_ACCEPT, KIND_RACE = 0, 1
+#: Acceptance uniforms: the top 24 bits of a Philox word times 2^-24.
+ACCEPT_ULP = 2.0 ** -24
+#: Race uniforms: the top 23 bits plus half a step, times 2^-23 (never 0, never 1).
+RACE_ULP = 2.0 ** -23
 
 
 def rng_words(seed: int, offset: int):
-    """(key0, key1, c2 for kind 0, c2 for kind 1, c3) as Python ints in [0, 2^32)."""
+    """(key0, key1, c2 for kind 0, c2 for kind 1, c3) as Python ints in [0, 2^32), for any int
+    ``seed`` and ``offset`` (taken mod 2^64: an int64 -1 is 2^64 - 1)."""
     s, o = seed & ((1 << 64) - 1), offset & ((1 << 64) - 1)
     o_hi = o >> 32
     return (s & _M32, s >> 32, (KIND_ACCEPT + 2 * o_hi) & _M32, (KIND_RACE + 2 * o_hi) & _M32,
@@ -81,7 +94,7 @@ def accept_uniform(words, b: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
     """U in [0, 1) (fp32) of the acceptance test of child ``node`` in request ``b``."""
     k0, k1, c2a, _, c3 = words
     r = philox4x32(k0, k1, node.long(), b.long(), c2a, c3)[0]
-    return (r >> 8).to(torch.float32) * (2.0 ** -24)
+    return (r >> 8).to(torch.float32) * ACCEPT_ULP
 
 
 def race_exponentials(words, b: torch.Tensor, V: int) -> torch.Tensor:
@@ -91,7 +104,7 @@ def race_exponentials(words, b: torch.Tensor, V: int) -> torch.Tensor:
     ctr = torch.arange(V4, device=b.device, dtype=torch.int64)[None, :]
     r = torch.stack(philox4x32(k0, k1, ctr, b.long()[:, None], c2r, c3), dim=-1)  # [R, V4, 4]
     r = r.reshape(b.shape[0], 4 * V4)[:, :V]
-    u = ((r >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
+    u = ((r >> 9).to(torch.float32) + 0.5) * RACE_ULP
     return -torch.log(u)
 
 
@@ -137,21 +150,13 @@ def verify_greedy_ref(tokens, parents, target_ids):
 # --------------------------------------------------------------------------------------------------
 
 
-class _TorchRng:
-    """Baseline RNG (``rng="torch"``): torch's generator, seeded from (seed, offset)."""
+class PhiloxStream:
+    """The random source of every path: Philox words for (seed, offset), see the module docstring.
 
-    def __init__(self, seed, offset, device):
-        self.g = torch.Generator(device=device)
-        self.g.manual_seed((seed * 1_000_003 + offset) & ((1 << 63) - 1))
+    ``accept(b, node)``: the acceptance uniforms of child ``node`` of requests ``b``;
+    ``race(b, V)``: the race exponentials ``[len(b), V]`` of requests ``b``.
+    """
 
-    def accept(self, b, node):
-        return torch.rand(b.shape, generator=self.g, device=b.device)
-
-    def race(self, b, V):
-        return torch.empty(b.shape[0], V, device=b.device).exponential_(generator=self.g)
-
-
-class _PhiloxRng:
     def __init__(self, seed, offset):
         self.words = rng_words(seed, offset)
 
@@ -162,20 +167,20 @@ class _PhiloxRng:
         return race_exponentials(self.words, b, V)
 
 
-def verify_sampling_ref(tokens, parents, target_probs, draft_probs, seed, offset, rng="philox",
-                        residual=True):
-    """Vectorised lossless tree verification (the algorithm in the module docstring).
+def verify_sampling_ref(tokens, parents, target_probs, draft_probs, seed, offset):
+    """Vectorised lossless tree verification (the algorithm in the module docstring); the random
+    stream of the C++ and Triton kernels, so all paths agree on the same (seed, offset)."""
+    return verify_sampling_walk(tokens, parents, target_probs, draft_probs, PhiloxStream(seed, offset))
 
-    ``rng="philox"`` (default) reproduces the C++ and Triton kernels' random streams;
-    ``rng="torch"`` draws from torch's generator instead (benchmark baseline: the plain vectorised
-    torch design without a counter-based RNG). ``residual=False`` is the classic bug -- rejected
-    children fall back to the *unmodified* target p, i.e. acceptance with p/q but no residual --
-    kept only so the statistical tests can show that they catch it.
-    """
+
+def verify_sampling_walk(tokens, parents, target_probs, draft_probs, rng):
+    """The vectorised walk of :func:`verify_sampling_ref` drawing from any random source ``rng``
+    with :class:`PhiloxStream`'s two methods (the benchmark's plain-torch baseline passes one
+    backed by torch's generator)."""
     B, N = tokens.shape
     V = target_probs.shape[-1]
     dev = tokens.device
-    R = _PhiloxRng(seed, offset) if rng == "philox" else _TorchRng(seed, offset, dev)
+    R = rng
     has_q = draft_probs is not None
     par = sanitize_parents(parents)
     tok = tokens.long()
@@ -217,7 +222,7 @@ def verify_sampling_ref(tokens, parents, target_probs, draft_probs, seed, offset
         c[acc_rows] = 0.0
         S[acc_rows] = 1.0
         j[a] = nxt[a]
-        if rej.numel() and residual:
+        if rej.numel():
             if has_q:
                 c_new = c[rej] + S[rej]
                 more = (is_child[rej] & (idx > nxt[rej, None])).any(1)
@@ -235,9 +240,9 @@ def verify_sampling_ref(tokens, parents, target_probs, draft_probs, seed, offset
         wf = (p - c[:, None] * draft_probs[rows, u].float()).clamp_min(0)
     else:
         wf = torch.cat([p, p.new_zeros(B, 1)], 1)
-        if residual:  # remove the (rejected) children's tokens of u; leaves have none
-            kids = torch.where((par == u[:, None]) & (tok >= 0), tok, V)
-            wf.scatter_(1, kids, 0.0)
+        # remove the (rejected) children's tokens of u; leaves have none
+        kids = torch.where((par == u[:, None]) & (tok >= 0), tok, V)
+        wf.scatter_(1, kids, 0.0)
         wf = wf[:, :V]
     E = R.race(rows, V)
     key = wf / E
@@ -279,44 +284,6 @@ def verify_sampling_literal(tokens, parents, target_probs, seed):
         acc[rows[step], n[step]] = child[step]
         u = torch.where(step, child, u)
     return acc.to(torch.int32), n.to(torch.int32), y
-
-
-def verify_sampling_separate_pass(tokens, parents, target_probs, draft_probs, seed, offset):
-    """Benchmark baseline: the vLLM rejection-sampler design for chains, two Triton launches.
-
-    Pass 1 computes, for *every* node, the token that a rejection there would emit (an
-    exponential race over ``max(p - q, 0)``, or over p at the last node for the bonus token),
-    reading all ``B * N`` rows of p and q. Pass 2 runs the accept loop and picks. Lossless for
-    chains only (one child per node), like vLLM.
-    """
-    import triton
-
-    from ..kernels.verify import _separate_accept_kernel, _separate_recover_kernel
-
-    B, N = tokens.shape
-    V = target_probs.shape[-1]
-    dev = tokens.device
-    k0, k1, c2a, c2r, c3 = rng_words(seed, offset)
-    seed64 = (k1 << 32) | k0
-    seed64 = seed64 - (1 << 64) if seed64 >= (1 << 63) else seed64
-    has_q = draft_probs is not None
-    q = draft_probs if has_q else target_probs
-    recovered = torch.empty(B, N, dtype=torch.int32, device=dev)
-    block_v = min(4096, max(64, triton.next_power_of_2(V)))
-    _separate_recover_kernel[(B, N)](
-        tokens, q, target_probs, recovered, N, V, seed64, c2r, c3,
-        tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
-        recovered.stride(0), recovered.stride(1),
-        HAS_DRAFT=has_q, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
-    acc = torch.empty(B, N, dtype=torch.int32, device=dev)
-    acc_len = torch.empty(B, dtype=torch.int32, device=dev)
-    nxt = torch.empty(B, dtype=torch.int64, device=dev)
-    _separate_accept_kernel[(B,)](
-        tokens, target_probs, q, recovered, acc, acc_len, nxt, N, V, seed64, c2a, c3,
-        tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
-        recovered.stride(0), recovered.stride(1), acc.stride(0), acc.stride(1),
-        HAS_DRAFT=has_q, BLOCK_N=max(16, triton.next_power_of_2(N)))
-    return acc, acc_len, nxt
 
 
 # --------------------------------------------------------------------------------------------------
