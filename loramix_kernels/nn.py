@@ -58,7 +58,7 @@ from torch import nn
 from .ops.routed_lora import routed_lora
 
 __all__ = [
-    "ROUTING_MODES", "LoRAMixerLinear", "LoRAMixerGroup", "inject", "from_peft", "arrow_init",
+    "ROUTING_MODES", "LoRAMixerLinear", "LoRAMixerGroup", "inject", "from_peft", "arrow_init", "expert_prototypes",
     "set_routing", "mixer_modules", "mark_only_mixer_trainable", "parameter_report", "save_mixer",
     "load_mixer",
 ]
@@ -891,7 +891,7 @@ def expert_prototypes(lora_a, lora_b) -> torch.Tensor:
 
 
 @torch.no_grad()
-def arrow_init(module_or_model: nn.Module, temperature: float = 1.0):
+def arrow_init(module_or_model: nn.Module, temperature: float = 1.0, renormalize: bool = True):
     """Training-free router initialisation (after PEFT's Arrow), for every LoRA-Mixer layer.
 
     Each expert's prototype is the top right-singular vector of its ``B A`` (input space,
@@ -899,8 +899,9 @@ def arrow_init(module_or_model: nn.Module, temperature: float = 1.0):
     weight rows become the prototypes, its bias zero, and the layer switches to
     ``router_kind="arrow"``: logits = ``|router.weight @ x| / (|x| * temperature) + router.bias``,
     i.e. the absolute cosine between the token and each prototype (the sign of a singular vector is
-    arbitrary). The top-k experts by |cosine| are routed; with ``renormalize=True`` their gates are
-    the softmax over the selected scores, as in PEFT's Arrow. The router stays trainable.
+    arbitrary). The top-k experts by |cosine| are routed and, with ``renormalize=True`` (default,
+    set on the layers), their gates are the softmax over the selected scores, as in PEFT's Arrow
+    (top-1: gate 1). The router stays trainable.
     Returns the modules initialised, by name.
     """
     mods = ({"": module_or_model} if isinstance(module_or_model, LoRAMixerLinear)
@@ -918,6 +919,7 @@ def arrow_init(module_or_model: nn.Module, temperature: float = 1.0):
         m.router.bias.zero_()
         for x in members:
             x.router_kind, x.arrow_temperature = "arrow", float(temperature)
+            x.renormalize = bool(renormalize)
             if x.group is not None:
                 x.group.clear_cache()
     return mods
