@@ -55,15 +55,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import ROUTING_MODES
 from .ops.routed_lora import routed_lora
 
 __all__ = [
-    "ROUTING_MODES", "LoRAMixerLinear", "LoRAMixerGroup", "inject", "from_peft", "arrow_init", "expert_prototypes",
-    "set_routing", "mixer_modules", "mark_only_mixer_trainable", "parameter_report", "save_mixer",
-    "load_mixer",
+    "ROUTING_MODES", "LoRAMixerLinear", "LoRAMixerGroup", "inject", "from_peft", "arrow_init",
+    "expert_prototypes", "set_routing", "mixer_modules", "mark_only_mixer_trainable",
+    "parameter_report", "save_mixer", "load_mixer",
 ]
 
-ROUTING_MODES = ("soft", "topk", "hard")
 ROUTER_KINDS = ("linear", "arrow")
 _QKV = ("q_proj", "k_proj", "v_proj")
 _FORMAT = "loramix_mixer/1"
@@ -381,7 +381,8 @@ def _as_names(target_modules, where):
         target_modules = [target_modules]
     names = list(target_modules or [])
     if not names or not all(isinstance(t, str) and t for t in names):
-        _fail(where, "target_modules", f"must be a non-empty list of module-name suffixes, got {target_modules!r}")
+        _fail(where, "target_modules",
+              f"must be a non-empty list of module-name suffixes, got {target_modules!r}")
     return names
 
 
@@ -444,6 +445,12 @@ def inject(model: nn.Module, target_modules, num_experts: int, r: int, top_k: in
     -------
     OrderedDict[str, LoRAMixerLinear]
         The new modules by qualified name. The base model's parameters are frozen.
+
+    Notes
+    -----
+    transformers' Mamba, when its fused CUDA kernels (``mamba_ssm``) are available, trains
+    through ``mamba_inner_fn`` with ``out_proj.weight`` directly, bypassing an ``out_proj``
+    mixer; its pure-PyTorch path (CPU, or without those kernels) and inference call the module.
 
     Examples
     --------
@@ -637,8 +644,11 @@ def load_mixer(model: nn.Module, path, strict: bool = True) -> "OrderedDict[str,
                     _fail(where, f"{n}.router.{pn}", f"has shape {list(t.shape)} in the checkpoint, "
                           f"{list(p.shape)} in the model")
                 p.copy_(t)
+            # routing configuration as saved (a "hard" layer comes back as "topk": labels are data)
             m.scaling = float(cfg["scaling"])
             m.router_kind, m.arrow_temperature = cfg["router_kind"], float(cfg["arrow_temperature"])
+            m.top_k, m.renormalize, m.routing = int(cfg["top_k"]), bool(cfg["renormalize"]), cfg["routing"]
+            m.task_ids = None
             if m.group is not None:
                 m.group.clear_cache()
     return mods

@@ -67,7 +67,7 @@ def oracle_forward(m, x, task_ids=None):
 
 def randomise_experts(model_or_mods, seed=0, scale=0.3):
     g = torch.Generator().manual_seed(seed)
-    mods = model_or_mods.values() if isinstance(model_or_mods, dict) else lmx.mixer_modules(model_or_mods).values()
+    mods = (model_or_mods if isinstance(model_or_mods, dict) else lmx.mixer_modules(model_or_mods)).values()
     with torch.no_grad():
         for m in mods:
             m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * scale)
@@ -265,6 +265,23 @@ def test_packed_any_call_order_one_call_same_gradients(order, count_routed_lora)
     assert packed["attn"].q_proj.group._cache is None  # every member took its slice
 
 
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_packed_soft_and_hard_routing_match_unpacked(mode, count_routed_lora):
+    with loramix_kernels.use_backend("auto"):
+        packed, unpacked, pm, um = _packed_and_unpacked()
+        task_ids = torch.tensor([3, -1]) if mode == "hard" else None
+        lmx.set_routing(packed, mode, task_ids=task_ids)
+        lmx.set_routing(unpacked, mode, task_ids=task_ids)
+        x = torch.randn(2, 4, 16)
+        count_routed_lora.clear()
+        for n in ("v_proj", "q_proj", "k_proj"):
+            torch.testing.assert_close(getattr(packed["attn"], n)(x), getattr(unpacked["attn"], n)(x), **_tol())
+        assert count_routed_lora.count(3) == 1
+        q = packed["attn"].q_proj
+        assert q.last_router_probs is packed["attn"].k_proj.last_router_probs  # the loss counts it once
+        assert q.last_expert_ids.shape == ((8, 1) if mode == "hard" else (8, 2))
+
+
 def _tol():
     atol, rtol = TOL[torch.float32]
     return dict(atol=atol, rtol=rtol)
@@ -342,7 +359,8 @@ def test_llama_inject_forward_backward(pack):
             assert m.lora_a.grad is not None and m.lora_b.grad.abs().sum() > 0, n
             assert m.router.weight.grad.abs().sum() > 0, n
             assert m.last_router_probs.shape == (14, 4) and m.last_expert_ids.shape == (14, 2)
-        assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and "router" not in n)
+        base = [p for n, p in model.named_parameters() if "lora_" not in n and "router" not in n]
+        assert base and all(p.grad is None for p in base)
 
 
 def test_llama_packed_equals_unpacked():
@@ -358,6 +376,9 @@ def test_llama_packed_equals_unpacked():
                 um[n].router.load_state_dict(pm[n].router.state_dict())
         ids = torch.randint(0, 64, (2, 6))
         torch.testing.assert_close(packed(ids).logits, unpacked(ids).logits, **_tol())
+        # generation with the KV cache (decode steps of one token) runs through the packed path
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(packed.generate(ids, **gen), unpacked.generate(ids, **gen))
 
 
 def test_mamba_inject_forward_backward():
