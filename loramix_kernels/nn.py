@@ -603,7 +603,9 @@ def load_mixer(model: nn.Module, path, strict: bool = True) -> "OrderedDict[str,
     If ``model`` holds no LoRA-Mixer layers yet, they are first created from the checkpoint's
     configuration (same names, shapes, routing settings and q/k/v packing) around the model's own
     ``nn.Linear`` modules; otherwise the existing layers are filled (``strict``: the checkpoint and the
-    model must hold the same set of layers). Returns the model's mixers by name.
+    model must hold the same set of layers). A routers-only file (``save_mixer(..., experts=False)``)
+    leaves the experts and their scaling as they are. Layers built here have trainable experts and
+    routers: call :func:`mark_only_mixer_trainable` to choose. Returns the model's mixers by name.
     """
     st = _safetensors()
     where = "load_mixer"
@@ -615,9 +617,13 @@ def load_mixer(model: nn.Module, path, strict: bool = True) -> "OrderedDict[str,
     if meta.get("format") != _FORMAT:
         _fail(where, "path", f"{path!r} is not a LoRA-Mixer checkpoint (format {meta.get('format')!r})")
     config = json.loads(meta["modules"])
+    has_experts = meta.get("experts") == "True"
     tensors = st.load_file(path)
     mods = mixer_modules(model)
     if not mods:
+        if not has_experts:
+            _fail(where, "path", f"{path!r} holds routers only: build the experts first "
+                  "(inject / from_peft), then load the routers into them")
         mods = _build_from_config(model, config, where)
     if strict and set(mods) != set(config):
         missing, extra = sorted(set(config) - set(mods)), sorted(set(mods) - set(config))
@@ -644,8 +650,10 @@ def load_mixer(model: nn.Module, path, strict: bool = True) -> "OrderedDict[str,
                     _fail(where, f"{n}.router.{pn}", f"has shape {list(t.shape)} in the checkpoint, "
                           f"{list(p.shape)} in the model")
                 p.copy_(t)
-            # routing configuration as saved (a "hard" layer comes back as "topk": labels are data)
-            m.scaling = float(cfg["scaling"])
+            # routing configuration as saved (a "hard" layer comes back as "topk": labels are data);
+            # the scaling belongs to the experts, so a routers-only file leaves it alone
+            if has_experts:
+                m.scaling = float(cfg["scaling"])
             m.router_kind, m.arrow_temperature = cfg["router_kind"], float(cfg["arrow_temperature"])
             m.top_k, m.renormalize, m.routing = int(cfg["top_k"]), bool(cfg["renormalize"]), cfg["routing"]
             m.task_ids = None

@@ -469,6 +469,15 @@ def test_save_load_round_trip_into_fresh_model(tmp_path):
         # routers only (frozen-experts regime): a small file, experts untouched on load
         lmx.save_mixer(model, tmp_path / "routers.safetensors", experts=False)
         assert (tmp_path / "routers.safetensors").stat().st_size < path.stat().st_size / 2
+        other = tiny_llama()
+        om = lmx.inject(other, ["q_proj", "k_proj", "v_proj", "o_proj"], 4, 2, 2, pack_qkv=True)
+        randomise_experts(other, seed=9)
+        experts = {n: m.lora_b.detach().clone() for n, m in om.items()}
+        lmx.load_mixer(other, tmp_path / "routers.safetensors")
+        for n, m in om.items():
+            assert torch.equal(m.lora_b, experts[n]) and torch.equal(m.router.weight, mods[n].router.weight)
+        with pytest.raises(ValueError, match="routers only"):
+            lmx.load_mixer(tiny_llama(), tmp_path / "routers.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------
