@@ -236,7 +236,8 @@ def test_model_tree_errors():
 
 
 @pytest.mark.parametrize("call, exc, match", [
-    (lambda: routing_specialization_loss(P), ValueError, "routing_specialization_loss: expert_ids is required"),
+    (lambda: routing_specialization_loss(P), ValueError,
+     "routing_specialization_loss: expert_ids is required"),
     (lambda: routing_specialization_loss(P, IDS, entropy_sign="up"), ValueError,
      "routing_specialization_loss: entropy_sign must be one of"),
     (lambda: routing_specialization_loss(P, IDS, layer_reduction="max"), ValueError, "layer_reduction"),
@@ -246,7 +247,8 @@ def test_model_tree_errors():
      r"routing_specialization_loss: expert_ids must have shape \[2, k\]"),
     (lambda: switch_balance_loss(P, torch.tensor([[0], [3]])), ValueError,
      r"switch_balance_loss: expert_ids entries must lie in \[-1, 3\)"),
-    (lambda: switch_balance_loss(P, torch.tensor([[0], [-2]])), ValueError, "switch_balance_loss: expert_ids"),
+    (lambda: switch_balance_loss(P, torch.tensor([[0], [-2]])), ValueError,
+     "switch_balance_loss: expert_ids"),
     (lambda: switch_balance_loss(IDS, IDS), TypeError, "switch_balance_loss: probs must be floating point"),
     (lambda: switch_balance_loss(P, IDS, mask=torch.ones(3, dtype=torch.bool)), ValueError,
      "switch_balance_loss: mask must have probs' leading shape"),
@@ -281,7 +283,8 @@ def test_preservation_penalty_values_and_gradient():
     a = (a0 + torch.randn(4, 2, 3, generator=g)).requires_grad_(True)
     b = (b0 + torch.randn(4, 5, 2, generator=g)).requires_grad_(True)
     chosen = [1, 3]
-    want = 0.25 * sum(float(((a[i].detach() - a0[i]) ** 2).sum() + ((b[i].detach() - b0[i]) ** 2).sum()) for i in chosen)
+    da, db = a.detach() - a0, b.detach() - b0
+    want = 0.25 * sum(float((da[i] ** 2).sum() + (db[i] ** 2).sum()) for i in chosen)
     got = expert_preservation_penalty([a, b], [a0, b0], 0.25, experts=chosen)
     assert got.item() == pytest.approx(want, rel=1e-5)
     got.backward()
@@ -304,7 +307,8 @@ def test_preservation_penalty_values_and_gradient():
      "expert_preservation_penalty: initial_params must have the same structure"),
     (lambda t: expert_preservation_penalty(t, t, 1.0, experts=[4]), ValueError,
      r"expert_preservation_penalty: experts entries must lie in \[0, 4\)"),
-    (lambda t: expert_preservation_penalty(3.0, t, 1.0), TypeError, "expert_preservation_penalty: params must be"),
+    (lambda t: expert_preservation_penalty(3.0, t, 1.0), TypeError,
+     "expert_preservation_penalty: params must be"),
 ])
 def test_preservation_penalty_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
