@@ -125,6 +125,25 @@ def test_zero_b_equals_base_exactly():
     assert float(m.lora_a.detach().abs().max()) <= 1 / math.sqrt(16) + 1e-6
 
 
+@pytest.mark.parametrize("expert_dtype", [None, torch.float32])
+def test_bf16_base_and_empty_input(expert_dtype):
+    torch.manual_seed(5)
+    with loramix_kernels.use_backend("auto"):
+        base = nn.Linear(16, 8).to(torch.bfloat16)
+        m = lmx.LoRAMixerLinear(base, num_experts=4, r=2, top_k=2, dtype=expert_dtype)
+        assert m.lora_a.dtype == (expert_dtype or torch.bfloat16) == m.router.weight.dtype
+        randomise_experts({"": m})
+        x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+        y = m(x)
+        assert y.dtype == torch.bfloat16
+        want = oracle_forward(m, x.float())
+        assert_close(y, want, torch.bfloat16)
+        y.float().sum().backward()
+        assert x.grad.dtype == torch.bfloat16 and m.lora_b.grad.abs().sum() > 0
+        empty = m(torch.zeros(0, 5, 16, dtype=torch.bfloat16))
+        assert empty.shape == (0, 5, 8) and m.last_router_probs.shape == (0, 4)
+
+
 def _router_grad_ratio(m, x):
     m.zero_grad()
     (m(x) ** 2).sum().backward()
