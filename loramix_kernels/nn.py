@@ -469,8 +469,7 @@ def inject(model: nn.Module, target_modules, num_experts: int, r: int, top_k: in
              if type(m) is nn.Linear and _matches(n, targets) and not _inside_mixer(model, n)]
     if not found:
         _fail(where, "target_modules", f"{targets} matched no nn.Linear in {type(model).__name__}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _freeze_base(model)
     created = OrderedDict()
     for n, lin in found:
         mod = LoRAMixerLinear(lin, num_experts, r, top_k, **kw)
@@ -478,6 +477,16 @@ def inject(model: nn.Module, target_modules, num_experts: int, r: int, top_k: in
         created[n] = mod
     _make_groups(created, pack_qkv)
     return created
+
+
+def _freeze_base(model):
+    """requires_grad off for every parameter that is not a LoRA-Mixer expert or router (mixers
+    injected earlier keep their settings)."""
+    own = {id(p) for m in mixer_modules(model).values()
+           for p in (m.lora_a, m.lora_b, *m.router.parameters())}
+    for p in model.parameters():
+        if id(p) not in own:
+            p.requires_grad_(False)
 
 
 def _inside_mixer(model, name):
@@ -672,8 +681,6 @@ def _build_from_config(model, config, where):
         if (lin.in_features, lin.out_features) != (cfg["in_features"], cfg["out_features"]):
             _fail(where, n, f"is nn.Linear({lin.in_features}, {lin.out_features}) in the model, "
                   f"({cfg['in_features']}, {cfg['out_features']}) in the checkpoint")
-        for p in lin.parameters():
-            p.requires_grad_(False)
         mod = LoRAMixerLinear(lin, cfg["num_experts"], cfg["r"], cfg["top_k"],
                               lora_alpha=cfg["lora_alpha"], use_rslora=cfg["use_rslora"],
                               routing=cfg["routing"], renormalize=cfg["renormalize"],
@@ -687,9 +694,7 @@ def _build_from_config(model, config, where):
     for members in by_leader.values():
         if len(members) > 1:
             LoRAMixerGroup(members)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mark_only_mixer_trainable(model)
+    _freeze_base(model)
     return created
 
 
@@ -858,8 +863,7 @@ def from_peft(model: nn.Module, adapter_dirs, top_k: int, *, pack_qkv=False, dty
                                          f"{lin.out_features}) (shape mismatch: a different base model?)")
             s = _peft_scaling(cfg, name, a.shape[0], os.fspath(d))
             per_module.setdefault(name, {})[e] = (a.float(), b.float() * s)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _freeze_base(model)
     created = OrderedDict()
     for name, experts in per_module.items():
         lin = modules[name]

@@ -425,9 +425,12 @@ def test_inject_errors_and_helpers():
         lmx.inject(model, ["nope_proj"], 4, 2, 1)
     with pytest.raises(ValueError, match="target_modules"):
         lmx.inject(model, [], 4, 2, 1)
+    first = lmx.inject(model, ["v_proj"], 4, 2, 1)
     mods = lmx.inject(model, ["o_proj"], 4, 2, 1)
+    assert all(m.lora_a.requires_grad and m.router.weight.requires_grad for m in first.values())
     with pytest.raises(ValueError, match="already holds a LoRA-Mixer"):
         lmx.inject(model, ["o_proj"], 4, 2, 1)
+    mods.update(first)
     n = lmx.mark_only_mixer_trainable(model, train_experts=False)
     assert n == sum(m.router.weight.numel() + m.router.bias.numel() for m in mods.values())
     assert all(not m.lora_a.requires_grad for m in mods.values())
@@ -437,7 +440,7 @@ def test_inject_errors_and_helpers():
     assert rep["total"] == sum(p.numel() for p in model.parameters())
     assert rep["base"] + rep["experts"] + rep["routers"] == rep["total"]
     assert rep["router_percent"] == pytest.approx(100 * rep["routers"] / rep["total"]) and rep["routers"] > 0
-    assert lmx.set_routing(model, "soft") == 2
+    assert lmx.set_routing(model, "soft") == 4
 
 
 # ------------------------------------------------------------------------------------------------
