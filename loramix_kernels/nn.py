@@ -15,16 +15,25 @@ Routing modes (:func:`set_routing`; gates are what multiplies each expert's ``B 
 ``"topk"``
     Sparse: the ``top_k`` most probable experts (``route_topk``). By default the gates are the raw
     softmax probabilities (Switch-Transformer style), so the router's gradient reaches it through the
-    gate values. With ``renormalize=True`` the k gates are rescaled to sum 1 (Mixtral style); for
-    ``top_k == 1`` that gate is the constant 1 and would carry no gradient (the ~4e-10 of a naive
-    implementation), so there the gate is the straight-through estimate ``1 + p - stop_grad(p)``:
-    exactly 1 in the forward pass, the gradient of the chosen expert's probability ``p`` backward.
+    gate values; this is the sparse mode to train in (top-1 included: a random router learns the
+    right experts from the task loss alone, tests/test_peft_experts.py). With ``renormalize=True``
+    the k gates are rescaled to sum 1 (Mixtral style); for ``top_k == 1`` that gate is the constant
+    1 and would carry no gradient (the ~4e-10 of a naive implementation), so there the gate is the
+    straight-through estimate ``1 + p - stop_grad(p)``: exactly 1 in the forward pass (as PEFT's
+    Arrow and a single adapter), the gradient of the chosen expert's probability ``p`` backward.
+    That gradient is non-zero but one-sided: it pushes the router away from a chosen expert that
+    hurts, yet is zero-mean once the chosen expert is right, so it gives no pull towards the right
+    expert. Train with ``"soft"`` or ``renormalize=False`` and switch to renormalised top-1 for
+    inference if that is the wanted forward.
 ``"hard"``
     Every token of sample b goes to expert ``task_ids[b]`` (domain-labelled data; ``-1`` = base only).
     The gate is again ``1 + p - stop_grad(p)`` with ``p`` the router's probability of the labelled
-    expert: the forward pass is exactly gate 1, and the router is trained by the task loss towards
-    the labelled expert whenever that expert helps, besides any routing loss on the exposed
-    probabilities.
+    expert: the forward pass is exactly gate 1 and the router still receives the (one-sided)
+    straight-through gradient of the task loss, plus whatever routing loss is put on the exposed
+    probabilities. Hard routing is for training the experts on labelled data (the paper's first
+    phase); the labels do not supervise the router by themselves: for that, add a cross-entropy
+    between ``last_router_probs`` and the token labels, or train the router afterwards in
+    ``"soft"`` mode.
 
 After each forward pass a module exposes ``last_router_probs`` (``[tokens, E]`` fp32 softmax, the
 ``pbar`` input of the routing loss) and ``last_expert_ids`` (``[tokens, k]`` int32, the routed slots

@@ -268,6 +268,22 @@ def test_frozen_regime_router_only_training_reaches_purity(task_adapters):
     assert loss < 2 * tasks["noise"] ** 2, loss  # top-1 routed output ~ the true per-task map
 
 
+def test_frozen_regime_sparse_top1_router_training(task_adapters):
+    # Sparse top-1 routing during training (gate = the raw softmax probability, the default
+    # renormalize=False): the router's gradient alone takes a random router to the right experts.
+    tasks, dirs = task_adapters
+    x, y, _ = sample_tasks(tasks, 128, seed=1)
+    xt, yt, lt = sample_tasks(tasks, 256, seed=2)
+    with loramix_kernels.use_backend("auto"):
+        torch.manual_seed(0)
+        model = _Net(tasks)
+        lmx.from_peft(model, dirs, top_k=1, routing="topk")
+        before = _accuracy(model, xt, lt)
+        train(model, x, y, steps=40, lr=5e-2)
+        acc = _accuracy(model, xt, lt)
+    assert before < 0.5 and acc >= 0.9, (before, acc)
+
+
 def test_arrow_init_alone_routes_far_above_chance(task_adapters):
     tasks, dirs = task_adapters
     xt, yt, lt = sample_tasks(tasks, 256, seed=2)
