@@ -932,7 +932,9 @@ def arrow_init(module_or_model: nn.Module, temperature: float = 1.0, renormalize
     i.e. the absolute cosine between the token and each prototype (the sign of a singular vector is
     arbitrary). The top-k experts by |cosine| are routed and, with ``renormalize=True`` (default,
     set on the layers), their gates are the softmax over the selected scores, as in PEFT's Arrow
-    (top-1: gate 1). The router stays trainable.
+    (top-1: gate 1). The router stays trainable; to fine-tune it in ``"soft"`` mode, sharpen the
+    scores with a low ``temperature`` (e.g. 0.1: |cosine| lies in [0, 1], so at 1 the softmax is
+    nearly uniform).
     Returns the modules initialised, by name.
     """
     mods = ({"": module_or_model} if isinstance(module_or_model, LoRAMixerLinear)

@@ -302,6 +302,31 @@ def test_arrow_init_alone_routes_far_above_chance(task_adapters):
     assert loss < 0.2 * base_loss, (loss, base_loss)
 
 
+def test_arrow_init_then_soft_router_training(task_adapters):
+    # From the Arrow initialisation (sharpened by a low temperature), soft-routed router training
+    # starts at the right experts and stays there; from a random router it needs more steps.
+    tasks, dirs = task_adapters
+    x, y, _ = sample_tasks(tasks, 128, seed=1)
+    xt, yt, lt = sample_tasks(tasks, 256, seed=2)
+    result = {}
+    with loramix_kernels.use_backend("auto"):
+        for arrow in (False, True):
+            torch.manual_seed(0)
+            model = _Net(tasks)
+            lmx.from_peft(model, dirs, top_k=1, routing="soft")
+            if arrow:
+                lmx.arrow_init(model, temperature=0.1)
+            losses = []
+            for steps in (5, 15):
+                train(model, x, y, steps=steps, lr=5e-2)
+                with torch.no_grad():
+                    losses.append(float(nn.functional.mse_loss(model(xt), yt)))
+            result[arrow] = (losses, _accuracy(model, xt, lt))
+    (rand_losses, _), (arrow_losses, arrow_acc) = result[False], result[True]
+    assert arrow_losses[0] < 0.5 * rand_losses[0], result  # after 5 steps
+    assert max(arrow_losses) < 1.2 * tasks["noise"] ** 2 and arrow_acc >= 0.95, result
+
+
 def test_arrow_prototypes_are_top_singular_vectors():
     torch.manual_seed(0)
     a = [torch.randn(3, 2, 10), torch.randn(3, 4, 10)]
