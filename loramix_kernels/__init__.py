@@ -19,14 +19,14 @@ from .ops.tree import build_tree, tree_attention  # noqa: E402
 from .ops.verify import match_branch, verify_greedy, verify_sampling  # noqa: E402
 from .ops.kv import compact_kv_  # noqa: E402
 from .ops.routing import route_topk  # noqa: E402
-from . import losses  # noqa: E402
+from . import losses, nn  # noqa: E402  (modules and losses: torch only, HF packages imported lazily)
 
 __all__ = [
     "routed_lora", "routed_lora_add_",
     "build_tree", "tree_attention",
     "verify_greedy", "verify_sampling", "match_branch",
     "compact_kv_",
-    "route_topk", "losses",
+    "route_topk", "losses", "nn",
     "set_value_validation", "use_backend",
 ]
 __version__ = "0.1.0"
