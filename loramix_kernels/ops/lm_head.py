@@ -56,7 +56,9 @@ def _config(M, V, H, k, t):
     m_tiles, n_tiles = cdiv(M, block_m), cdiv(V, block_v)
     splits = cdiv(2 * _backend.sm_count(t), m_tiles)
     splits = min(splits, n_tiles, max(1, MAX_MERGE_CANDIDATES // next_pow2(k)))
-    return block_m, block_v, block_k, max(1, splits), 4, 3
+    # 8 warps from 32 rows: at 4 warps the [64, 128] fp32 tile, the dot operands and the top-k
+    # passes exceed 255 registers per thread and spill (tests/sm90_compile)
+    return block_m, block_v, block_k, max(1, splits), 8 if block_m >= 32 else 4, 3
 
 
 def lm_head_topk_triton(hidden, weight, k, splits=None):
