@@ -48,11 +48,12 @@ def lm_head_topk_ref(hidden, weight, k, chunk=None):
 
 
 def lm_head_topk_cpu(hidden, weight, k, chunk=None):
-    """The CPU kernel (plain torch, any device): per vocabulary chunk, an fp32 matmul and
-    ``torch.topk``; rows where the k-th value is tied beyond the selection (so topk's choice among
-    the ties is arbitrary) are redone with a stable sort, then each chunk's k are ordered by
-    (value desc, index asc) and merged. As fast as ``torch.topk(hidden @ weight.T, k)`` up to one
-    comparison pass over the logits, without holding the ``[M, V]`` logits at once."""
+    """The CPU kernel (plain torch, any device): per vocabulary chunk, an fp32 matmul and a sorted
+    ``torch.topk``. Where topk's choice may break the tie rule -- a value equal to the k-th left
+    out, or equal values among the k (whose order topk leaves open) -- the row is redone with a
+    stable sort. Chunks merge in (value desc, index asc) order. Costs ``torch.topk(hidden @
+    weight.T, k)`` plus one comparison pass over the logits, without holding the ``[M, V]``
+    logits at once."""
     M, V = hidden.shape[0], weight.shape[0]
     h = hidden.float()
     c = _chunk(M, k, chunk)
@@ -60,19 +61,22 @@ def lm_head_topk_cpu(hidden, weight, k, chunk=None):
     for v0 in range(0, V, c):
         logits = h @ weight[v0: v0 + c].float().T
         kc = min(k, logits.shape[1])
-        v, i = logits.topk(kc, dim=1, sorted=False)
+        v, i = logits.topk(kc, dim=1)
         if M:
-            kth = v.min(1, keepdim=True).values
-            tied = (logits >= kth).sum(1) > kc  # a value equal to the k-th was left out
-            if bool(tied.any()):
-                r = tied.nonzero().flatten()
+            fix = (logits >= v[:, -1:]).sum(1) > kc  # a value tied with the k-th was left out
+            if kc > 1:
+                fix |= (v[:, 1:] == v[:, :-1]).any(1)  # equal values among the k: order open
+            if bool(fix.any()):
+                r = fix.nonzero().flatten()
                 order = logits[r].sort(dim=1, descending=True, stable=True).indices[:, :kc]
                 v[r], i[r] = logits[r].gather(1, order), order
-        # (value desc, index asc): sort by index, then a stable sort by value
-        i, perm = i.sort(dim=1)
-        v = v.gather(1, perm)
-        v, perm = v.sort(dim=1, descending=True, stable=True)
-        run_v, run_i = _merge(run_v, run_i, v, i.gather(1, perm) + v0, k)
+        run_v, run_i = _merge(run_v, run_i, v, i + v0 if v0 else i, k)
     if run_v is None:
         return hidden.new_empty(M, 0, dtype=torch.float32), hidden.new_empty(M, 0, dtype=torch.long)
     return run_v, run_i
+
+
+def lm_head_topk_torch(hidden, weight, k):
+    """The baseline a user would write: materialise the logits (in the inputs' dtype), then
+    ``torch.topk`` (tie order unspecified)."""
+    return torch.topk(hidden @ weight.T, k, dim=1)
