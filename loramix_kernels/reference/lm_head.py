@@ -13,6 +13,8 @@ import torch
 
 #: Logit elements per chunk (``M * chunk``): 32 MB of fp32 logits at a time.
 CHUNK_ELEMS = 1 << 23
+#: Weight elements per chunk when fp16 / bf16 weights are upcast for fp32 logits (8 MB in fp32).
+UPCAST_ELEMS = 1 << 21
 
 
 def _chunk(M: int, k: int, chunk: int | None) -> int:
@@ -56,8 +58,11 @@ def lm_head_topk_cpu(hidden, weight, k, chunk=None):
     logits at once."""
     M, V = hidden.shape[0], weight.shape[0]
     h = hidden.float()
+    if chunk is None and weight.dtype != torch.float32:
+        # half weights are upcast chunk by chunk: cache-sized chunks convert and multiply faster
+        chunk = min(CHUNK_ELEMS // max(M, 1), UPCAST_ELEMS // max(weight.shape[1], 1))
     c = _chunk(M, k, chunk)
-    run_v = run_i = None
+    vals, idxs = [], []
     for v0 in range(0, V, c):
         logits = h @ weight[v0: v0 + c].float().T
         kc = min(k, logits.shape[1])
@@ -70,10 +75,17 @@ def lm_head_topk_cpu(hidden, weight, k, chunk=None):
                 r = fix.nonzero().flatten()
                 order = logits[r].sort(dim=1, descending=True, stable=True).indices[:, :kc]
                 v[r], i[r] = logits[r].gather(1, order), order
-        run_v, run_i = _merge(run_v, run_i, v, i + v0 if v0 else i, k)
-    if run_v is None:
+        vals.append(v)
+        idxs.append(i + v0 if v0 else i)
+    if not vals:
         return hidden.new_empty(M, 0, dtype=torch.float32), hidden.new_empty(M, 0, dtype=torch.long)
-    return run_v, run_i
+    if len(vals) == 1:
+        return vals[0], idxs[0]
+    # every chunk's list is ordered (value desc, index asc) and the chunks ascend in index: one
+    # stable sort of the concatenation keeps the tie rule
+    cat_v, cat_i = torch.cat(vals, 1), torch.cat(idxs, 1)
+    order = cat_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return cat_v.gather(1, order), cat_i.gather(1, order)
 
 
 def lm_head_topk_torch(hidden, weight, k):
