@@ -137,7 +137,7 @@ def lm_head_topk(hidden, weight, k):
         ``[V, H]`` the LM head's weight (``nn.Linear(H, V).weight``), hidden's dtype.
     k : int
         ``1 <= k <= V``. The CUDA kernel keeps up to 64 candidates per row in registers; a larger
-        k runs a chunked matmul + topk instead.
+        k runs a chunked matmul + topk instead (with host syncs: not CUDA-graph capturable).
 
     Returns
     -------
