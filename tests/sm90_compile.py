@@ -196,7 +196,33 @@ def scenarios():
             routed_bwd(2048, 64, 16, 3, qkv), routed_bwd(16, 64, 16, 3, qkv),
             routed_bwd(2048, 8, 64, 2, [4096]),
         ],
+        "lm_head": lm_head_and_kv_cases(),
     }
+
+
+def lm_head_and_kv_cases():
+    """lm_head_topk at decode (M = 1), speculative-batch (32) and 64-row tiles, k = 8 and the
+    largest register top-k (64), bf16 and fp32 (IEEE dots); kv_write_ and compact_kv_layers_."""
+    from loramix_kernels.ops import kv as kvops
+    from loramix_kernels.ops import lm_head as lh
+
+    def topk(M, k, dt, H=4096, V=4096):
+        return lambda: lh.lm_head_topk_triton(torch.zeros(M, H, dtype=dt), torch.zeros(V, H, dtype=dt), k)
+
+    def kv(L=3, H=8, D=128, block=16):
+        def go():
+            dt = torch.bfloat16
+            kc = torch.zeros(L, 16, block, H, D, dtype=dt)
+            kvops.kv_write_triton(kc[0], kc[1], torch.zeros(5, H, D, dtype=dt), torch.zeros(5, H, D, dtype=dt),
+                                  torch.zeros(5, dtype=torch.int64))
+            bt = torch.arange(16, dtype=torch.int32).view(2, 8)
+            kvops.compact_kv_layers_triton(kc, kc.clone(), bt, torch.full((2,), 100, dtype=torch.int32),
+                                           torch.arange(8, dtype=torch.int32).repeat(2, 1),
+                                           torch.full((2,), 7, dtype=torch.int32))
+        return go
+
+    return [topk(M, k, dt) for M in (1, 32, 64) for k in (8, 64) for dt in (torch.bfloat16, torch.float32)] + [
+        kv(), kv(H=1, D=256)]
 
 
 def main(name):
