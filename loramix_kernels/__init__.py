@@ -17,7 +17,8 @@ except ImportError:  # a source tree without a build: the ops fall back to plain
 from .ops.routed_lora import routed_lora, routed_lora_add_  # noqa: E402
 from .ops.tree import build_tree, tree_attention  # noqa: E402
 from .ops.verify import match_branch, verify_greedy, verify_sampling  # noqa: E402
-from .ops.kv import compact_kv_  # noqa: E402
+from .ops.kv import compact_kv_, compact_kv_layers_, kv_write_  # noqa: E402
+from .ops.lm_head import lm_head_topk  # noqa: E402
 from .ops.routing import route_topk  # noqa: E402
 from . import losses, nn  # noqa: E402  (modules and losses: torch only, HF packages imported lazily)
 
@@ -25,7 +26,7 @@ __all__ = [
     "routed_lora", "routed_lora_add_",
     "build_tree", "tree_attention",
     "verify_greedy", "verify_sampling", "match_branch",
-    "compact_kv_",
+    "compact_kv_", "compact_kv_layers_", "kv_write_", "lm_head_topk",
     "route_topk", "losses", "nn",
     "set_value_validation", "use_backend",
 ]

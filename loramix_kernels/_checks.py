@@ -69,13 +69,41 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges of ``a`` and ``b`` intersect (conservative for interleaved views;
-    two halves of one allocation, e.g. ``kv[0]`` and ``kv[1]``, do not overlap)."""
+    """Whether ``a`` and ``b`` address a common byte. Disjoint byte ranges answer at once; otherwise
+    numpy's exact solver decides from pointers and strides alone (it never reads the memory, so
+    this works for CUDA tensors too): interleaved views that do not meet, e.g. ``kv[:, 0]`` and
+    ``kv[:, 1]`` of a ``[num_blocks, 2, ...]`` cache, are not an overlap. Too hard to decide within
+    the solver's work bound counts as an overlap."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     a0, a1 = _byte_range(a)
     b0, b1 = _byte_range(b)
-    return a0 <= b1 and b0 <= a1
+    if a1 < b0 or b1 < a0:
+        return False
+    import numpy as np
+
+    too_hard = getattr(np, "exceptions", np).TooHardError
+    try:
+        return bool(np.shares_memory(_AddressView(a).array(), _AddressView(b).array(),
+                                     max_work=1 << 20))
+    except too_hard:
+        return True
+
+
+class _AddressView:
+    """A numpy array description (``__array_interface__``) of a tensor's addresses: pointer,
+    shape and byte strides, elements as opaque bytes. Only metadata is used."""
+
+    def __init__(self, t: torch.Tensor):
+        es = t.element_size()
+        self.__array_interface__ = {
+            "data": (t.data_ptr(), True), "shape": tuple(t.shape), "version": 3,
+            "strides": tuple(s * es for s in t.stride()), "typestr": f"|V{es}"}
+
+    def array(self):
+        import numpy as np
+
+        return np.asarray(self)
 
 
 def check_writable(op: str, arg: str, t: torch.Tensor) -> None:
