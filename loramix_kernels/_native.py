@@ -83,7 +83,9 @@ def _import_file(path: Path) -> ModuleType:
 def _prebuilt() -> tuple[ModuleType | None, str]:
     """The extension built at install time, or (None, why not)."""
     spec = importlib.util.find_spec(NAME)
-    if spec is None or spec.origin is None:
+    # Only this package's own build: an import hook of another copy (e.g. an editable install seen
+    # through --system-site-packages) could otherwise offer that copy's _C.
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != _PKG:
         return None, "no native extension was built at install time"
     src = _PKG.parent / "csrc"
     if not (_PKG / "csrc").is_dir() and src.is_dir():  # a source checkout: is the build current?
