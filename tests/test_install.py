@@ -3,8 +3,8 @@
 The fixture builds a wheel of this checkout the way a plain ``pip install .`` does (no torch at
 build time, so no native extension inside: ``LORAMIX_BUILD_NATIVE=0`` with
 ``--no-build-isolation`` gives the same wheel without downloading build tools), installs it into a
-throwaway virtual environment that reuses this environment's torch / triton / pytest
-(``--system-site-packages``), and every check runs a fresh interpreter from a directory outside
+throwaway virtual environment that reuses this environment's torch / triton / pytest (a
+``.pth`` file), and every check runs a fresh interpreter from a directory outside
 the repository, with none of the test switches (``PYTHONPATH``, ``LORAMIX_BACKEND``,
 ``TRITON_INTERPRET``) inherited. Only ``test_native_compiled_on_first_use`` compiles (about a
 minute on one core); the other checks keep ``LORAMIX_NATIVE=0`` or a missing compiler.
@@ -71,10 +71,17 @@ def installed(tmp_path_factory) -> Installed:
     wheels = list((root / "wheels").glob("loramix_kernels-*.whl"))
     assert len(wheels) == 1, wheels
     venv = root / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=root, env=env)
+    _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root, env=env)
     inst = Installed(root, wheels[0], venv)
-    # The venv has no pip of its own; the system one (visible through --system-site-packages)
-    # installs into the interpreter that runs it.
+    # Reuse this environment's packages (torch, triton, pytest, pip), whether it is the system's or
+    # a virtual environment (where --system-site-packages would reach past it): a .pth file lists
+    # its site directories after the venv's own. Their .pth files are not run, so an editable
+    # install of this checkout there does not shadow the wheel.
+    purelib = inst.python_code("import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                               env=inst.env()).stdout.strip()
+    parent = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    Path(purelib, "_parent_environment.pth").write_text("\n".join(parent) + "\n")
+    # No pip of its own: the reused one installs into the interpreter that runs it.
     _run([inst.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[0]],
          cwd=root, env=inst.env())
     where = inst.python_code("import loramix_kernels; print(loramix_kernels.__file__)",
