@@ -249,3 +249,36 @@ def test_works_without_triton(installed):
     assert out.stdout.strip().endswith("ok")
     failed = [r for r in json.loads(js.read_text())["records"] if r["impl"] == "loramix" and "error" in r]
     assert not failed, failed
+
+
+def test_runner_statistics():
+    """Quartiles, spreads and paired speedups as the runner reports them (synthetic timings)."""
+    from loramix_kernels.bench import runner
+
+    ours = [1.0, 1.0, 1.1, 1.0, 0.9]
+    base = [2.0, 2.2, 2.2, 8.0, 1.8]  # one disturbed round: a paired ratio absorbs it
+    stats = runner.summarise({"loramix": {"times": ours, "calls": 4}, "torch": {"times": base, "calls": 1},
+                              "broken": ValueError("no such shape")})
+    assert stats["loramix"]["q"] == (1.0, 1.0, 1.0) and stats["loramix"]["speedup"] is None
+    assert stats["torch"]["speedup"] == 2.0  # median of 2, 2.2, 2, 8, 2 (per-round ratios)
+    assert stats["torch"]["speedup_q"] == (2.0, 2.0, 2.2)
+    assert stats["torch"]["q"] == (2.0, 2.2, 2.2) and stats["torch"]["reps"] == 5
+    assert abs(stats["torch"]["iqr_rel"] - 0.2 / 2.2) < 1e-12
+    assert stats["broken"] == {"error": "ValueError: no such shape", "speedup": None, "speedup_q": None}
+    # CUDA-style quartiles (no per-round times): the speedup is the ratio of medians
+    cuda = runner.summarise({"loramix": {"quartiles": (1.0, 2.0, 3.0)}, "torch": {"quartiles": (5.0, 6.0, 7.0)}})
+    assert cuda["torch"]["speedup"] == 3.0 and cuda["torch"]["speedup_q"] is None
+
+
+def test_runner_imports_suites_without_pytest(monkeypatch):
+    """The suites' module-level pytest decorators get a stand-in only while pytest is missing,
+    and sys.modules is left as it was."""
+    from loramix_kernels.bench import runner
+
+    monkeypatch.setitem(sys.modules, "pytest", None)  # `import pytest` raises ImportError
+    for name in runner.SUITES:
+        monkeypatch.delitem(sys.modules, f"loramix_kernels.bench.bench_{name}", raising=False)
+        suite = runner.load_suite(name)
+        assert callable(suite.cases) and callable(suite.candidates) and suite.cases(True)
+        assert sys.modules["pytest"] is None
+    assert runner.SUITES == tuple(sorted(p.stem[6:] for p in (REPO / "loramix_kernels/bench").glob("bench_*.py")))
