@@ -1,7 +1,9 @@
-"""``python -m loramix_kernels.bench``: run the benchmark suites on whatever device is present.
+"""``python -m loramix_kernels.bench [SUITE ...] [options]``: time the ops against their baselines.
 
-Prints one table per op family (ours against each baseline, time, GB/s, fraction of the HBM
-roofline, speedup). Options: ``python -m loramix_kernels.bench --help``.
+Runs every suite shipped in this package (``bench_<family>.py``) on whatever device is present:
+on CPU with pinned threads (``--threads``, default 1), interleaved repetitions, medians with their
+interquartile range, and speedups over the baselines measured in the same run as the headline
+figure. Every column and option is explained by ``python -m loramix_kernels.bench --help``.
 """
 
 from .runner import main
