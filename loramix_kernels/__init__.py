@@ -5,13 +5,12 @@ Importing the package loads the native CPU extension (if built) and registers ev
 contract is ``docs/API.md``.
 """
 
-from . import _backend
+from . import _backend, _native
 from ._backend import set_value_validation, use_backend
 
-try:  # native CPU kernels (csrc/), built by setup.py; registers private ops in torch.ops.loramix
-    from . import _C  # noqa: F401
-except ImportError:  # a source tree without a build: the ops fall back to plain PyTorch
-    _C = None
+# Native CPU kernels (csrc/): built at install time, else compiled once on first import against the
+# installed torch and cached; None, after one warning saying why, when neither works (_native.py).
+_C = _native.load()
 
 # Registration: each family module declares its schemas and registers its kernels.
 from .ops.routed_lora import routed_lora, routed_lora_add_  # noqa: E402
