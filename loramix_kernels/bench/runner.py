@@ -7,7 +7,9 @@ Each suite ``loramix_kernels/bench/bench_<family>.py`` (found automatically) pro
 * ``candidates(case, inputs) -> dict[str, callable]``: ours first (key ``"loramix"``), then the
   baselines, imported from ``loramix_kernels.reference`` (never private copies);
 * ``traffic_bytes(case) -> int``: the minimum HBM traffic the roofline fraction is measured against;
-* optionally ``flops(case) -> int``.
+* optionally ``flops(case) -> int``;
+* ``headline_cases() -> list[dict]``: the few full-size shapes the issues name as targets, run by
+  ``--compact`` (one GPU session measures every suite's headline in a few minutes).
 
 How it measures. CPU: the thread count is pinned (``--threads``, default 1); after one warm-up
 call each, the candidates of a case run in interleaved rounds (rotating order, garbage collector
@@ -292,7 +294,7 @@ def _fmt(x, spec, none="-"):
 
 def run(suites=SUITES, quick: bool | None = None, device: str | None = None, out: str | None = None,
         threads: int = 1, min_reps: int = 5, budget_s: float | None = None,
-        spread_limit: float = 0.10, select: str | None = None):
+        spread_limit: float = 0.10, select: str | None = None, compact: bool = False):
     """Run the suites; print the tables; return (and write to ``out``) the JSON-able result."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quick is None:
@@ -312,14 +314,14 @@ def run(suites=SUITES, quick: bool | None = None, device: str | None = None, out
     plan = []
     for suite_name in suites:
         suite = load_suite(suite_name)
-        for case in suite.cases(quick):
+        for case in (suite.headline_cases() if compact else suite.cases(quick)):
             label = ",".join(f"{k}={v}" for k, v in case.items())
             if select is None or select in f"{suite_name}:{label}":
                 plan.append((suite_name, suite, case, label))
     print(f"# loramix_kernels benchmarks: {dev_name} ({dev.type}), torch {torch.__version__}, "
           f"native CPU kernels {'loaded' if native else 'NOT loaded'}")
     print(f"# threads: {threads_used} (torch.set_num_threads; {available_cores()} cores available); "
-          f"{'quick' if quick else 'full'} shapes; {len(plan)} cases")
+          f"{'headline' if compact else 'quick' if quick else 'full'} shapes; {len(plan)} cases")
     if dev.type == "cuda":
         print(f"# timing: triton.testing.do_bench per candidate, {budget_s:g} s of reps; "
               f"HBM peak {'%.2f TB/s' % (bw / 1e12) if bw else 'n/a'}")
@@ -381,7 +383,7 @@ def run(suites=SUITES, quick: bool | None = None, device: str | None = None, out
         print(f"#   noisy: {c}")
     result = {
         "device": dev_name, "device_type": dev.type, "hbm_peak_Bps": bw, "flops_peak": peak_flops,
-        **_versions(), "commit": git_commit(), "date": _dt.date.today().isoformat(), "quick": quick,
+        **_versions(), "commit": git_commit(), "date": _dt.date.today().isoformat(), "quick": quick, "compact": compact,
         "threads": threads_used, "cores_available": available_cores(), "native_cpu_kernels": native,
         "min_reps": min_reps, "budget_s": budget_s, "spread_limit": spread_limit,
         "timing": "triton.testing.do_bench" if dev.type == "cuda" else "interleaved rounds",
@@ -412,6 +414,9 @@ def main(argv=None):
                    help="small shapes (the default on CPU)")
     p.add_argument("--full", dest="quick", action="store_false",
                    help="the full shapes of the issues (the default on CUDA)")
+    p.add_argument("--compact", action="store_true",
+                   help="only each suite's headline shapes (the issues' targets): one GPU session "
+                        "measures every suite in a few minutes")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads, pinned for the whole run (default 1; 0 = leave torch's "
@@ -445,7 +450,7 @@ def main(argv=None):
         return None
     return run(suites, quick=args.quick, device=args.device, out=args.json, threads=args.threads,
                min_reps=args.min_reps, budget_s=args.budget, spread_limit=args.spread_limit,
-               select=args.select)
+               select=args.select, compact=args.compact)
 
 
 if __name__ == "__main__":
