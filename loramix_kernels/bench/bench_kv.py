@@ -30,6 +30,10 @@ def cases(quick: bool):
     return [dict(B=B, N=N) for B in (1, 64, 256) for N in (4, 8, 64)]
 
 
+def headline_cases():
+    return [dict(B=64, N=8), dict(B=256, N=64)]
+
+
 def _dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 

@@ -37,6 +37,12 @@ def cases(quick: bool):
     return out
 
 
+def headline_cases():
+    """Issue 12's target shape (M = 64, V = 128k, H = 4096) and a decode row."""
+    return [dict(M=64, V=131072, H=4096, k=k, dtype="bf16") for k in (1, 8)] + \
+        [dict(M=1, V=128256, H=4096, k=8, dtype="bf16")]
+
+
 def make_inputs(case, device):
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)

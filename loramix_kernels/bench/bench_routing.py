@@ -32,6 +32,10 @@ def cases(quick: bool):
             for k in (1, 2, 3, 8) if k <= E]
 
 
+def headline_cases():
+    return [dict(T=T, E=E, k=k) for T, E, k in [(1, 6, 3), (4096, 8, 2), (32768, 64, 8)]]
+
+
 def _dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

@@ -111,6 +111,13 @@ def cases(quick: bool):
     return out
 
 
+def headline_cases():
+    """Issue 5's targets: sampling over a 128k vocabulary at decode and serving batches, greedy."""
+    return [dict(op="verify_sampling", B=B, N=8, V=131072, draft=True) for B in (1, 64)] + \
+        [dict(op="verify_sampling", B=64, N=8, V=131072, draft=False),
+         dict(op="verify_greedy", B=256, N=64)]
+
+
 def _tree(B, N, device):
     """A bushy tree (node i hangs from (i - 1) // 3): what EAGLE-style drafts look like."""
     i = torch.arange(N, device=device)
