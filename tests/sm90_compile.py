@@ -84,6 +84,7 @@ def _aot_run(self, *args, grid, warmup, **kwargs):
 def scenarios():
     """name -> callable running launchers at GPU-sized shapes (CPU tensors, small where allowed)."""
     import loramix_kernels  # noqa: F401
+    from loramix_kernels.bench.bench_routed_lora import routed_lora_two_launch
     from loramix_kernels.ops import routed_lora as rl
 
     def routed_inputs(T, E, r, k, widths, d_in):
@@ -98,9 +99,9 @@ def scenarios():
         def go():
             dt, x, A, B, ids, g = routed_inputs(T, E, r, k, widths, d_in)
             out = torch.zeros(T, sum(widths), dtype=dt) if add else None
-            rl.routed_lora_forward(x, A, B, ids, g, 1.0, out=out, strategy=strategy)
+            rl.routed_lora_triton(x, A, B, ids, g, 1.0, out=out, strategy=strategy)
             if strategy == "expert_sorted":
-                rl.routed_lora_two_launch(x, A, B, ids, g, 1.0)
+                routed_lora_two_launch(x, A, B, ids, g, 1.0)
         return go
 
     def routed_bwd(T, E, r, k, widths, d_in=4096):
@@ -109,6 +110,8 @@ def scenarios():
             assert rl.choose_strategy(E, [r] * len(widths), k) == "expert_sorted"
             dy = torch.zeros(T, sum(widths), dtype=dt)
             rl.routed_lora_backward_sorted(dy, x, A, B, ids, g, 1.0)
+            # frozen experts (router-only training): the dx / d_gates-only variant
+            rl.routed_lora_backward_sorted(dy, x, A, B, ids, g, 1.0, needs=[True, False, False, True])
         return go
 
     from loramix_kernels.ops import tree as tr
