@@ -110,10 +110,13 @@ def _expand_dense(hg, act, b_ptr, y_ptr, ids_ptr, offs_t, tmask, E, K, N, col, p
     slice's column tiles.
 
     Isolation: hg is exactly 0 where a token does not route to an expert, but 0 * inf is NaN, so a
-    non-finite weight of an expert that only SOME tokens of the tile use would leak into the others
-    through the dense dot. The dot therefore runs on B with its non-finite entries zeroed, and in
-    the (rare) tiles that hold one, the outputs of the tokens routed to such an expert, in the
-    columns it touches, are set to NaN afterwards: a token's output depends only on its experts.
+    non-finite B entry of an expert that only SOME tokens of the tile use would leak into the
+    others through the dense dot. When a tile's result is not finite everywhere (rare: garbage
+    weights, or a legitimately non-finite routed contribution), it is recomputed expert by expert,
+    each expert's product added only to the outputs of the tokens routed to it (in y's dtype, one
+    rounding per routed expert): a token's output then depends only on its own experts, as in
+    the per-expert form. The check reads the small result tile; the weight tile goes to the dot
+    untouched.
     """
     er = tl.arange(0, ER)
     e = er // R
@@ -123,24 +126,36 @@ def _expand_dense(hg, act, b_ptr, y_ptr, ids_ptr, offs_t, tmask, E, K, N, col, p
     for t in range(pid_n, n_tiles, NSPLIT):
         nn = t * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = nn < N
-        b = tl.load(b_ptr + e[:, None].to(tl.int64) * stride_be + nn[None, :].to(tl.int64) * stride_bn
-                    + i[:, None] * stride_br, mask=rmask[:, None] & nmask[None, :], other=0.0)
-        bad = (b - b) != 0  # inf - inf and NaN - NaN are NaN: True exactly for non-finite entries
-        b = tl.where(bad, 0.0, b)
+        b_ptrs = b_ptr + e[:, None].to(tl.int64) * stride_be + nn[None, :].to(tl.int64) * stride_bn \
+            + i[:, None] * stride_br
+        b = tl.load(b_ptrs, mask=rmask[:, None] & nmask[None, :], other=0.0)
         if H_FP32:
             b = b.to(tl.float32)
         acc = _dot(hg, b, tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32), DOT_FP32, IEEE)
-        if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
-            badf = bad.to(tl.float16)
-            hits = tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32)
-            for j in range(0, K):
-                ids_j = _slot_ids(ids_ptr, offs_t, tmask, E, j, stride_it, stride_ik)
-                route = (ids_j[:, None] == e[None, :]).to(tl.float16)  # [BLOCK_T, ER] 0 / 1
-                hits = tl.dot(route, badf, hits)
-            acc = tl.where(hits > 0, float("nan"), acc)
         yp = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + (col + nn)[None, :].to(tl.int64) * stride_yn
         ymask = tmask[:, None] & nmask[None, :]
-        _write_tile(yp, acc, ymask, ATOMIC, ACCUMULATE)
+        # x - x is 0 for finite x and NaN for inf / NaN.
+        if tl.max(tl.max(((acc - acc) != 0).to(tl.int32), axis=1), axis=0) == 0:
+            _write_tile(yp, acc, ymask, ATOMIC, ACCUMULATE)
+        else:
+            # Expert by expert, each product written (added) for its own tokens only; acc is dead
+            # here, so this path needs no more registers than the dot above.
+            if not ATOMIC:
+                if not ACCUMULATE:
+                    tl.store(yp, tl.zeros((hg.shape[0], BLOCK_N), dtype=yp.dtype.element_ty), mask=ymask)
+            for ex in range(0, E):
+                routed = tl.zeros((hg.shape[0],), dtype=tl.int32)
+                for j in range(0, K):
+                    ids_j = _slot_ids(ids_ptr, offs_t, tmask, E, j, stride_it, stride_ik)
+                    routed = tl.maximum(routed, (ids_j == ex).to(tl.int32))
+                if tl.max(routed, axis=0) > 0:
+                    # Only expert ex's R rows (the others are zero).
+                    b_e = tl.load(b_ptrs, mask=((e == ex) & rmask)[:, None] & nmask[None, :], other=0.0)
+                    if H_FP32:
+                        b_e = b_e.to(tl.float32)
+                    part = _dot(hg, b_e, tl.zeros((hg.shape[0], BLOCK_N), dtype=tl.float32),
+                                DOT_FP32, IEEE)
+                    _write_tile(yp, part, ymask & (routed[:, None] > 0), ATOMIC, True)
 
 
 @triton.jit

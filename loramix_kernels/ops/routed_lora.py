@@ -286,7 +286,7 @@ def _finish(y, dst, accumulate):
             y.copy_(dst)
 
 
-def token_major_tiles(T: int, er: int):
+def token_major_tiles(T: int, er: int, h_fp32: bool = False):
     """(BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages) for a slice of ``er`` padded E*r rows.
 
     BLOCK_T: the weights are re-read (from L2) once per token tile, so a tall tile keeps that
@@ -299,6 +299,8 @@ def token_major_tiles(T: int, er: int):
     # From compiling the candidates for sm_90 (triton 3.9, launch-time specialisation): the
     # tallest tiles without register spills (128 x 128 at E*r = 128 uses ~166 registers).
     block_t, block_n = {16: (128, 128), 32: (128, 128), 64: (128, 64), 128: (128, 128), 256: (64, 128)}[er]
+    if h_fp32:  # fp16: the [BLOCK_T, ER] gated tile and the [ER, BLOCK_N] B tile are fp32 in the expand
+        block_t, block_n = min(block_t, 8192 // er), min(block_n, 16384 // er)
     block_t = min(block_t, pow2_at_least(T))
     return block_t, block_n, 64, 8 if block_t * er >= 4096 else 4, 2
 
@@ -311,7 +313,7 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=N
     for idx in _groups(len(lora_a)):
         kw = slice_kwargs(lora_a, lora_b, idx, rank="R")
         er_max = max(kw[f"ER{j}"] for j in range(len(idx)))
-        block_t, block_n, block_k, warps, stages = token_major_tiles(T, er_max)
+        block_t, block_n, block_k, warps, stages = token_major_tiles(T, er_max, x.dtype == torch.float16)
         widths = [lora_b[s].shape[1] for s in idx]
         n_tiles = max(cdiv(w, block_n) for w in widths)
         n_t = cdiv(T, block_t)
