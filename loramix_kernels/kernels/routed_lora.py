@@ -1,8 +1,13 @@
 """Triton kernels for routed multi-LoRA (LoRA-Mixer): y[t, s] = scaling * sum_j g[t,j] B_s[e] A_s[e] x[t].
 
-Up to three slices (packed q/k/v, unequal widths) are handled by one launch; each slice has its
-own pointer/stride arguments and its rank ``R*`` / padded row count ``ER*`` as constexprs (a slice
-beyond ``NUM_SLICES`` is never touched). All accumulation is fp32.
+Up to three slices (packed q/k/v, unequal widths) are handled by one launch; slot ``j`` has its
+own pointer / size / stride arguments (``a{j}_ptr``, ``n{j}``, ``col{j}``, ``stride_a{j}e`` ...,
+all passed by keyword from ``ops.routed_lora.slice_kwargs``) and its rank ``R{j}`` / padded row
+count ``ER{j}`` (or ``RP{j}``) as constexprs (a slot beyond ``NUM_SLICES`` is never touched). All
+accumulation is fp32. ``H_FP32`` (fp16 inputs): the gated rank-sized intermediate stays fp32 into
+the expand (fp32 operands, tf32 tensor cores) instead of being rounded to fp16, which overflows
+beyond 65504. Isolation: a token's output depends only on the experts it routes to (see
+``_expand_dense`` for the dense tile).
 
 Kernels
 -------
@@ -29,13 +34,15 @@ Kernels
     store: directly when k == 1 (each token appears once), else by fp32 atomic add into a workspace.
     The same d_in split (KSPLIT) as above applies at decode.
 ``_sorted_shrink_kernel`` / ``_sorted_expand_kernel``
-    The same computation split into two launches with an fp32 [pairs, r] intermediate in global
-    memory: the vLLM shrink/expand design, kept as a benchmark baseline.
+    The same computation split into two launches (one slice, slot 0) with an fp32 [pairs, r]
+    intermediate in global memory: the vLLM shrink/expand design, a benchmark baseline launched by
+    ``loramix_kernels/bench/bench_routed_lora.py`` (``routed_lora_two_launch``).
 ``_routed_lora_bwd_shrink_kernel`` / ``_routed_lora_bwd_expand_kernel``  (backward, expert_sorted)
     Same sorted blocks. The first recomputes h = A_s[e] x and u = B_s[e]^T dy per sorted row into
     an fp32 [pairs, sum r] workspace (split-K with atomics at decode); the second gives d_gates
     (one writer per pair), dx and dA over d_in tiles and dB over d_out tiles, dealt round robin to
-    NSPLIT programs per block, with fp32 atomics (see the section at the end of this file).
+    NSPLIT programs per block, with fp32 atomics (see the section at the end of this file). Each
+    gradient's code is compiled out when it is not needed (NEED_DX / NEED_DA / NEED_DB / NEED_DG).
 """
 
 import triton
