@@ -86,8 +86,51 @@ DTYPES = FLOAT_DTYPES + (torch.float64,)
 # ------------------------------------------------------------------------------------------
 
 
+def _routed_metadata_ok(x, lora_a, lora_b, expert_ids, gates, scaling):
+    """The metadata checks of :func:`_check_routed_metadata` as one boolean pass, no messages built
+    (decode calls are host-bound: this keeps validation at a few microseconds). Returns
+    (T, d_in, E, k, d_out), or None when something is wrong (the detailed pass then says what)."""
+    T_ = torch.Tensor
+    if not (isinstance(x, T_) and x.dim() == 2 and x.dtype in DTYPES and isinstance(lora_a, (list, tuple))
+            and isinstance(lora_b, (list, tuple)) and 0 < len(lora_a) == len(lora_b)):
+        return None
+    T, d_in = x.shape
+    dt, dev = x.dtype, x.device
+    E = lora_a[0].shape[0] if isinstance(lora_a[0], T_) and lora_a[0].dim() == 3 else 0
+    d_out = 0
+    for a, b in zip(lora_a, lora_b):
+        if not (isinstance(a, T_) and isinstance(b, T_) and a.dim() == 3 and b.dim() == 3
+                and a.dtype == dt and b.dtype == dt and a.device == dev and b.device == dev):
+            return None
+        ea, r, da = a.shape
+        eb, n, rb = b.shape
+        if not (ea == E and eb == E and da == d_in and r >= 1 and rb == r):
+            return None
+        d_out += n
+    if not (E > 0 and isinstance(expert_ids, T_) and expert_ids.dim() == 2
+            and expert_ids.dtype in INDEX_DTYPES and expert_ids.device == dev
+            and expert_ids.shape[0] == T and isinstance(gates, T_) and gates.dim() == 2
+            and gates.dtype in DTYPES and gates.device == dev
+            and tuple(gates.shape) == tuple(expert_ids.shape)
+            and isinstance(scaling, (int, float)) and math.isfinite(scaling)):
+        return None
+    return T, d_in, E, expert_ids.shape[1], d_out
+
+
 def _check_routed(op, x, lora_a, lora_b, expert_ids, gates, scaling):
     """The checks every routed_lora op shares; errors name ``op``. Returns (T, d_in, E, k, d_out)."""
+    info = _routed_metadata_ok(x, lora_a, lora_b, expert_ids, gates, scaling)
+    if info is None:
+        info = _check_routed_metadata(op, x, lora_a, lora_b, expert_ids, gates, scaling)
+    if _backend.check_values(expert_ids) and expert_ids.numel():
+        lo, hi = torch.aminmax(expert_ids)
+        if int(lo) < -1 or int(hi) >= info[2]:
+            check_index_range(op, "expert_ids", expert_ids, -1, info[2])
+    return info
+
+
+def _check_routed_metadata(op, x, lora_a, lora_b, expert_ids, gates, scaling):
+    """The metadata checks one by one, each failure with its message."""
     check_tensor(op, "x", x, ndim=2, dtypes=DTYPES)
     T, d_in = x.shape
     dev = x.device
@@ -118,8 +161,6 @@ def _check_routed(op, x, lora_a, lora_b, expert_ids, gates, scaling):
     check_shape(op, "gates", gates, (T, k))
     check(isinstance(scaling, (int, float)) and math.isfinite(scaling), op, "scaling",
           f"must be a finite float, got {scaling!r}")
-    if _backend.check_values(expert_ids):
-        check_index_range(op, "expert_ids", expert_ids, -1, E)
     return T, d_in, E, k, d_out
 
 
@@ -588,19 +629,41 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _expand_experts(hg, b):
+    """``y[t, n] = sum_{e, i} hg[t, e, i] b[e, n, i]`` without repacking b: one batched GEMM over
+    the experts (b[e]^T is a transposed view, no copy) and a sum, while the [E, T, n] partials stay
+    small (decode); at larger T one GEMM on the repacked ``[E*r, n]`` B (its copy amortised)."""
+    T, E, r = hg.shape
+    if T * E <= 256:
+        return torch.bmm(hg.transpose(0, 1), b.transpose(1, 2)).sum(0)
+    return hg.reshape(T, E * r) @ b.transpose(1, 2).reshape(E * r, b.shape[1])
+
+
+def _gates_and_routes(expert_ids, gates, E, acc, scaling):
+    """``[T, E]`` summed gates (times scaling, in ``acc``) and the ``[T, E, 1]`` route mask, from
+    one pass over the slots (``gate_matrix`` and ``route_mask`` of the reference, fused)."""
+    T = expert_ids.shape[0]
+    ids = expert_ids.long()
+    valid = (ids >= 0) & (ids < E)
+    idx = torch.where(valid, ids, E)
+    g = torch.where(valid, gates.to(acc), 0)
+    gm = torch.zeros(T, E + 1, dtype=acc, device=gates.device).scatter_add_(1, idx, g)[:, :E]
+    routed = torch.zeros(T, E + 1, dtype=torch.bool, device=gates.device).scatter_(1, idx, True)
+    return gm.mul_(scaling).unsqueeze(-1), routed[:, :E].unsqueeze(-1)
+
+
 def _dense_torch(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
     """The dense masked form in ``acc`` (fp32 / float64): ``y_s = where(routed, (x A_cat^T) *
     G) B_cat^T``; returns y in ``acc``."""
     T, E = x.shape[0], lora_a[0].shape[0]
-    gm = gate_matrix(expert_ids, gates, E, dtype=acc) * scaling
-    routed = route_mask(expert_ids, E).unsqueeze(-1)
-    xf = x.to(acc)
+    gm, routed = _gates_and_routes(expert_ids, gates, E, acc, scaling)
+    xf = x if x.dtype == acc else x.to(acc)
     outs = []
     for a, b in zip(lora_a, lora_b):
         r = a.shape[1]
-        h = (xf @ a.reshape(E * r, -1).to(acc).t()).view(T, E, r)
-        hg = torch.where(routed, h * gm.unsqueeze(-1), 0)
-        outs.append(torch.einsum("ter,enr->tn", hg, b.to(acc)))
+        a = a if a.dtype == acc else a.to(acc)
+        h = (xf @ a.reshape(E * r, -1).t()).view(T, E, r)
+        outs.append(_expand_experts(torch.where(routed, h * gm, 0), b if b.dtype == acc else b.to(acc)))
     return torch.cat(outs, 1)
 
 
@@ -638,18 +701,21 @@ def routed_lora_add_cpu(out, x, lora_a, lora_b, expert_ids, gates, scaling):
 
 def routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
     """CPU kernel of the backward: the dense masked form where the forward would run dense,
-    else the per-expert loop (only routed work; the host sync is free on CPU). On CPU tensors a
-    dense result that is not finite everywhere is redone per expert (isolation, see the module
-    docstring); on CUDA (float64, or the dense regime of the Triton path) that check would cost a
-    host sync and is skipped."""
+    else the per-expert loop (only routed work; the host sync is free on CPU).
+
+    Isolation check of the dense form (CPU tensors): with finite x and grad_y, the route-mask
+    ``where`` keeps every unused expert out of dA, dB and d_gates, and only dx can pick up an
+    unused expert's non-finite A (0 * inf in ``dU @ A_cat``); so x, grad_y and dx (all [T, *],
+    small at decode) are checked and, if any is not finite, the per-expert loop runs instead. On
+    CUDA (float64, or the dense regime of the Triton path) that check would cost a host sync and
+    is skipped (module docstring)."""
     needs = _needs(needs)
     E, k = lora_a[0].shape[0], expert_ids.shape[1]
     acc = _acc_dtype(x)
     args = (grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, acc)
     if choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
         got = routed_lora_backward_dense(*args)
-        if x.device.type != "cpu" or all(bool(torch.isfinite(g).all())
-                                         for g in (got[0], *got[1], *got[2], got[3])):
+        if x.device.type != "cpu" or all(bool(torch.isfinite(t).all()) for t in (x, grad_y, got[0])):
             return got
     return routed_lora_backward_ref(*args)
 

@@ -182,8 +182,10 @@ def routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, sca
         a_cat = a.reshape(E * r, -1).to(acc)
         dy = dyf[:, col:col + n]
         col += n
+        bf = b.to(acc)
         if need_x or need_a or need_g:
-            u = torch.einsum("tn,enr->ter", dy, b.to(acc))
+            # u[t, e] = dy[t] @ B[e]: a batched GEMM on B as stored (no repacking copy)
+            u = torch.bmm(dy.unsqueeze(0).expand(E, T, n), bf).transpose(0, 1)
         if need_g or need_b:
             h = (xf @ a_cat.t()).view(T, E, r)
         if need_g:
@@ -196,7 +198,8 @@ def routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, sca
                 ga.append((du.t() @ xf).view(E, r, -1).to(a.dtype))
         if need_b:
             hg = torch.where(routed, h * gm.unsqueeze(-1), 0)
-            gb.append(torch.einsum("tn,ter->enr", dy, hg).to(b.dtype).contiguous())
+            # dB[e] = dy^T hg[:, e]: [E, n, r], contiguous like B
+            gb.append(torch.bmm(dy.t().unsqueeze(0).expand(E, n, T), hg.transpose(0, 1)).to(b.dtype))
     if need_g:
         ids = expert_ids.long()
         valid = (ids >= 0) & (ids < E)
