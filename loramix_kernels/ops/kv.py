@@ -1,6 +1,8 @@
-"""KV-cache compaction after tree verification: ``compact_kv_``.
+"""Paged KV-cache ops: compaction after tree verification (``compact_kv_``, and
+``compact_kv_layers_`` for every layer's cache in one launch) and writing new tokens' K / V by slot
+(``kv_write_``, vLLM's reshape_and_cache).
 
-``validate_compact_kv``, the launcher ``compact_kv_triton`` (tiles, launch of ``kernels/kv.py``),
+Per op: ``validate_<op>``, the launcher ``<op>_triton`` (tiles, launch of ``kernels/kv.py``),
 the registration (``ops/_registry.py``; CPU kernel: ``reference/kv.py``, no autograd: an in-place
 cache update) and the public function.
 """
@@ -13,7 +15,7 @@ from .. import _backend
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
                        check_shape, check_tensor, check_writable, fail)
 from .._tiles import cdiv, next_pow2
-from ..reference.kv import compact_kv_ref_
+from ..reference.kv import compact_kv_layers_ref_, compact_kv_ref_, kv_write_ref_
 from ._registry import register_op
 
 _OP = "compact_kv_"
@@ -21,12 +23,20 @@ _OP = "compact_kv_"
 
 def validate_compact_kv(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
     """Metadata checks, plus (where ``check_values`` allows) the path, lengths and blocks used."""
-    op = _OP
-    check_tensor(op, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    _check_compact(_OP, k_cache, v_cache, block_table, seq_lens, accept_index, accept_len, layers=False)
+
+
+def _check_compact(op, k_cache, v_cache, block_table, seq_lens, accept_index, accept_len, *, layers):
+    """The checks of ``compact_kv_`` (``layers=False``, caches ``[num_blocks, block_size, Hkv, D]``)
+    and ``compact_kv_layers_`` (``layers=True``, caches ``[L, num_blocks, block_size, Hkv, D]``);
+    errors name ``op``."""
+    ndim = 5 if layers else 4
+    kname, vname = ("k_caches", "v_caches") if layers else ("k_cache", "v_cache")
+    check_tensor(op, kname, k_cache, ndim=ndim, dtypes=FLOAT_DTYPES)
     dev = k_cache.device
-    check_tensor(op, "v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
-    check_shape(op, "v_cache", v_cache, tuple(k_cache.shape))
-    num_blocks, block_size, H, D = k_cache.shape
+    check_tensor(op, vname, v_cache, ndim=ndim, dtypes=FLOAT_DTYPES, device=dev)
+    check_shape(op, vname, v_cache, tuple(k_cache.shape))
+    num_blocks, block_size, H, D = k_cache.shape[-4:]
     check_tensor(op, "accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     B, N = accept_index.shape
     check(N >= 1, op, "accept_index", "must have at least one column (the root)")
@@ -42,10 +52,10 @@ def validate_compact_kv(k_cache, v_cache, block_table, seq_lens, accept_index, a
     # or with the index inputs (k_cache and v_cache may be the two halves of one allocation).
     indices = dict(block_table=block_table, seq_lens=seq_lens, accept_index=accept_index,
                    accept_len=accept_len)
-    check_writable(op, "k_cache", k_cache)
-    check_writable(op, "v_cache", v_cache)
-    check_no_alias(op, "k_cache", k_cache, dict(v_cache=v_cache, **indices))
-    check_no_alias(op, "v_cache", v_cache, indices)
+    check_writable(op, kname, k_cache)
+    check_writable(op, vname, v_cache)
+    check_no_alias(op, kname, k_cache, {vname: v_cache, **indices})
+    check_no_alias(op, vname, v_cache, indices)
     if _backend.check_values(accept_index) and B > 0:
         check_index_range(op, "accept_len", accept_len, 0, N)
         cap = block_table.shape[1] * block_size
@@ -140,3 +150,177 @@ def compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_le
     [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0]
     """
     torch.ops.loramix.compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+
+
+# --- compact_kv_layers_: every layer's cache in one launch ----------------------------------------
+
+_OP_LAYERS = "compact_kv_layers_"
+
+
+def validate_compact_kv_layers(k_caches, v_caches, block_table, seq_lens, accept_index, accept_len):
+    """``compact_kv_``'s checks (one shared helper), with a leading layer dimension on the caches."""
+    _check_compact(_OP_LAYERS, k_caches, v_caches, block_table, seq_lens, accept_index, accept_len,
+                   layers=True)
+
+
+def compact_kv_layers_triton(k_caches, v_caches, block_table, seq_lens, accept_index, accept_len):
+    """Launcher: ``compact_kv_triton``'s head split, with the layers as a third grid axis."""
+    from ..kernels.kv import _compact_kv_layers_kernel
+
+    B, N = accept_index.shape
+    L, num_blocks, block_size, H, D = k_caches.shape
+    if B == 0 or L == 0 or H == 0 or D == 0:
+        return
+    block_d = next_pow2(D)
+    block_h = max(1, min(next_pow2(H), COPY_ELEMS // block_d))
+    grid = (B, cdiv(H, block_h), L)
+    _compact_kv_layers_kernel[grid](
+        k_caches, v_caches, block_table, seq_lens, accept_index, accept_len,
+        N, H, D, block_size, block_table.shape[1], num_blocks,
+        *k_caches.stride(), *v_caches.stride(),
+        block_table.stride(0), block_table.stride(1), seq_lens.stride(0),
+        accept_index.stride(0), accept_index.stride(1), accept_len.stride(0),
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+register_op(
+    "compact_kv_layers_",
+    "(Tensor(a!) k_caches, Tensor(b!) v_caches, Tensor block_table, Tensor seq_lens, "
+    "Tensor accept_index, Tensor accept_len) -> ()",
+    validate=validate_compact_kv_layers,
+    triton=compact_kv_layers_triton,
+    cpu=compact_kv_layers_ref_,
+    fake=lambda info, *args: None,
+)
+
+
+def compact_kv_layers_(k_caches, v_caches, block_table, seq_lens, accept_index, accept_len):
+    """:func:`compact_kv_` on every layer's cache at once, in one launch.
+
+    Engines allocate the caches of all layers as one tensor; this moves the accepted path in each
+    of them (the same moves in every layer, the same race-free in-place order), instead of one
+    ``compact_kv_`` call per layer. The caller then sets ``seq_lens[b] = seq_lens[b] - N +
+    accept_len[b] + 1``.
+
+    Parameters
+    ----------
+    k_caches, v_caches : torch.Tensor
+        ``[L, num_blocks, block_size, Hkv, D]`` paged caches of all L layers (fp16 / bf16 / fp32),
+        updated in place.
+    block_table, seq_lens, accept_index, accept_len : torch.Tensor
+        As for :func:`compact_kv_` (shared by every layer).
+
+    Every argument may have any strides; the caches must not overlap themselves, each other or the
+    index inputs (they may be the two halves of one allocation). Contract: ``docs/API.md``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from loramix_kernels import compact_kv_layers_
+    >>> k = torch.arange(8.).view(1, 1, 8, 1, 1).repeat(2, 1, 1, 1, 1); k[1] *= 10; v = -k
+    >>> compact_kv_layers_(k, v, torch.tensor([[0]]), torch.tensor([8]),
+    ...                    torch.tensor([[0, 2, 3, -1]]), torch.tensor([2]))
+    >>> k[:, 0, :, 0, 0].tolist()
+    [[0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0], [0.0, 10.0, 20.0, 30.0, 40.0, 60.0, 70.0, 70.0]]
+    """
+    torch.ops.loramix.compact_kv_layers_(k_caches, v_caches, block_table, seq_lens, accept_index,
+                                         accept_len)
+
+
+# --- kv_write_: new K / V into the paged cache by slot (vLLM's reshape_and_cache) -----------------
+
+_OP_WRITE = "kv_write_"
+
+
+def validate_kv_write(k_cache, v_cache, k, v, slot_mapping):
+    """Metadata checks, plus (where ``check_values`` allows) the slots: each in
+    ``[-1, num_blocks * block_size)``, and no slot written twice."""
+    op = _OP_WRITE
+    check_tensor(op, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    dev = k_cache.device
+    check_tensor(op, "v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
+    check_shape(op, "v_cache", v_cache, tuple(k_cache.shape))
+    num_blocks, block_size, H, D = k_cache.shape
+    check_tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    T = slot_mapping.shape[0]
+    check_tensor(op, "k", k, ndim=3, device=dev)
+    check_shape(op, "k", k, (T, H, D))
+    check(k.dtype == k_cache.dtype, op, "k", f"must have k_cache's dtype {k_cache.dtype}, got {k.dtype}",
+          TypeError)
+    check_tensor(op, "v", v, ndim=3, device=dev)
+    check_shape(op, "v", v, (T, H, D))
+    check(v.dtype == v_cache.dtype, op, "v", f"must have v_cache's dtype {v_cache.dtype}, got {v.dtype}",
+          TypeError)
+    check_writable(op, "k_cache", k_cache)
+    check_writable(op, "v_cache", v_cache)
+    inputs = dict(k=k, v=v, slot_mapping=slot_mapping)
+    check_no_alias(op, "k_cache", k_cache, dict(v_cache=v_cache, **inputs))
+    check_no_alias(op, "v_cache", v_cache, inputs)
+    if _backend.check_values(slot_mapping) and T > 0:
+        check_index_range(op, "slot_mapping", slot_mapping, -1, num_blocks * block_size)
+        used = slot_mapping[slot_mapping >= 0]
+        check(used.unique().numel() == used.numel(), op, "slot_mapping",
+              "must not write one slot twice (entries >= 0 must be distinct)")
+
+
+def kv_write_triton(k_cache, v_cache, k, v, slot_mapping):
+    """Launcher: one program per (token, head tile), ~4 KB row copies like ``compact_kv_``."""
+    from ..kernels.kv import _kv_write_kernel
+
+    num_blocks, block_size, H, D = k_cache.shape
+    T = slot_mapping.shape[0]
+    if T == 0 or H == 0 or D == 0:
+        return
+    block_d = next_pow2(D)
+    block_h = max(1, min(next_pow2(H), COPY_ELEMS // block_d))
+    _kv_write_kernel[(T, cdiv(H, block_h))](
+        k_cache, v_cache, k, v, slot_mapping,
+        H, D, block_size, num_blocks * block_size,
+        *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(), slot_mapping.stride(0),
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+register_op(
+    "kv_write_",
+    "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()",
+    validate=validate_kv_write,
+    triton=kv_write_triton,
+    # One index_put per cache: vectorised torch is what a native loop would do.
+    cpu=kv_write_ref_,
+    fake=lambda info, *args: None,
+)
+
+
+def kv_write_(k_cache, v_cache, k, v, slot_mapping):
+    """Write new tokens' K and V into the paged cache by slot, in place (vLLM's reshape_and_cache).
+
+    ``k_cache[s // block_size, s % block_size] = k[t]`` (and the same for V) with
+    ``s = slot_mapping[t]``; a token with slot ``-1`` (padding) is skipped.
+
+    Parameters
+    ----------
+    k_cache, v_cache : torch.Tensor
+        ``[num_blocks, block_size, Hkv, D]`` paged caches (fp16 / bf16 / fp32), written in place.
+    k, v : torch.Tensor
+        ``[T, Hkv, D]`` the new tokens' keys and values, in the caches' dtypes.
+    slot_mapping : torch.Tensor
+        ``[T]`` int32 / int64 physical slot ``block * block_size + offset`` of each token, or -1.
+        Slots >= 0 must be distinct and lie below ``num_blocks * block_size`` (checked on CPU; on
+        CUDA, where value checks are off by default, a slot out of range writes nothing).
+
+    Every argument may have any strides. The caches must not overlap themselves, each other, or
+    the inputs; they may be the two halves of one allocation. Contract: ``docs/API.md``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from loramix_kernels import kv_write_
+    >>> kc = torch.zeros(2, 4, 1, 2); vc = torch.zeros(2, 4, 1, 2)
+    >>> k = torch.tensor([[[1., 1.]], [[2., 2.]], [[3., 3.]]]); v = -k
+    >>> kv_write_(kc, vc, k, v, torch.tensor([5, -1, 0]))
+    >>> kc[:, :, 0, 0].tolist()
+    [[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    """
+    torch.ops.loramix.kv_write_(k_cache, v_cache, k, v, slot_mapping)
