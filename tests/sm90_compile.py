@@ -167,8 +167,19 @@ def scenarios():
                                                        (8, 32000, False), (1, 7, True))]
     verify_cases += [compact(2, n, h, d) for n, h, d in ((8, 8, 128), (64, 32, 64), (4, 1, 256))]
 
+    from loramix_kernels.ops import routing as rt
+
+    def route(T, E, k, dt=torch.bfloat16):
+        return lambda: [rt.route_topk_triton(torch.zeros(T, E, dtype=dt), k, r) for r in (False, True)]
+
+    # decode (one row per program), prefill (BLOCK_T rows), the widest rows, k = E
+    routing = [route(T, E, k) for T, E, k in ((1, 6, 3), (64, 8, 2), (32768, 8, 2), (4096, 64, 8),
+                                              (32768, 256, 8), (4, 256, 256), (2, 1024, 8))]
+    routing.append(route(4096, 64, 3, torch.float32))
+
     qkv = [4096, 1024, 1024]
     return {
+        "routing": routing,
         "verify": verify_cases,
         "tree": tree,
         "routed_lora": [
