@@ -125,6 +125,30 @@ def test_cpu_kernel_chunks_match_reference():
 
 
 @requires_triton
+def test_many_splits_merge_in_chunks():
+    """More split candidates than one merge chunk holds (splits * k > BLOCK_C): ties between
+    chunks still go to the lower index."""
+    g = torch.Generator().manual_seed(7)
+    h, w = _int_inputs(3, 2000, 2, torch.float32, g, -1, 2)
+    want = lm_head_topk_ref(h, w, 16)
+    with triton_path():
+        got = lm_head_topk_triton(h.to(TRITON_DEVICE), w.to(TRITON_DEVICE), 16, splits=40)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_infinite_logits(name, device, ctx):
+    """+-inf logits rank like numbers: -inf ones still fill the k (no empty slot wins)."""
+    h = torch.tensor([[float("inf")], [1.0]])
+    w = torch.tensor([[1.0], [-1.0], [1.0]])
+    with ctx():
+        values, indices = lm_head_topk(h.to(device), w.to(device), 3)
+    inf = float("inf")
+    assert values.cpu().tolist() == [[inf, inf, -inf], [1.0, 1.0, -1.0]]
+    assert indices.cpu().tolist() == [[0, 2, 1], [0, 2, 1]]
+
+
+@requires_triton
 def test_large_k_runs_the_chunked_kernel():
     g = torch.Generator().manual_seed(3)
     h, w = _int_inputs(3, 100, 8, torch.float32, g)
