@@ -2,10 +2,8 @@
 Mirror speculative decoding (tree drafts, early-exit candidates, branch reuse) for transformers
 Llama models, LoRA-Mixer layers included. See :class:`Engine`."""
 
-from ._ops import FALLBACKS
 from .cache import PagedKVCache
 from .engine import Engine, GenerationResult, SamplingParams
 from .model import LlamaRunner, OpTimer
 
-__all__ = ["Engine", "GenerationResult", "SamplingParams", "PagedKVCache", "LlamaRunner", "OpTimer",
-           "FALLBACKS"]
+__all__ = ["Engine", "GenerationResult", "SamplingParams", "PagedKVCache", "LlamaRunner", "OpTimer"]
