@@ -280,6 +280,8 @@ def run(args) -> dict:
         if v is not None:
             p[k] = v
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     text = load_corpus(p["corpus_bytes"])
     model, info = trained_target(p, device, text, cache_dir(args.cache_dir), quiet=args.quiet)
@@ -458,6 +460,10 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=None, help="override the number of prompts (batch)")
     ap.add_argument("--new-tokens", dest="new_tokens", type=int, default=None,
                     help="override the tokens generated per prompt")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads on CPU (default 1: tiny matrices gain nothing from "
+                         "more, the draft's worker thread takes another core, and spinning threads "
+                         "collapse on a shared machine); 0 keeps torch's default")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     report = run(args)

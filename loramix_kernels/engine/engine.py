@@ -86,7 +86,9 @@ class Engine:
     * ``verify_greedy`` / ``verify_sampling`` accept a path, ``compact_kv_layers_`` moves its K/V in
       every layer at once, and ``match_branch`` picks the precomputed branch whose anchor is the
       last accepted node and whose candidate is the emitted token: it becomes the next window as
-      is; when none matches the draft rolls out a fresh window.
+      is; when none matches the draft rolls out a fresh window. A reused window is the window a
+      fresh rollout would give (same draft, same context), so ``reuse=False`` (always roll out
+      afresh, no branches) accepts exactly the same tokens, only slower.
 
     Output is lossless by construction: greedy verification emits exactly the target's greedy
     tokens, and ``verify_sampling`` with deterministic proposals samples the target's distribution
@@ -95,7 +97,8 @@ class Engine:
 
     def __init__(self, model, *, draft_layers: int = 1, chain_len: int = 4, siblings: bool = True,
                  kappa: int = 2, block_size: int = 16, max_len: int = 1024, max_batch: int = 8,
-                 num_blocks: int | None = None, overlap: bool = True, timer: OpTimer | None = None):
+                 num_blocks: int | None = None, overlap: bool = True, reuse: bool = True,
+                 timer: OpTimer | None = None):
         self.model = model
         self.runner = LlamaRunner(model, timer)
         r = self.runner
@@ -112,6 +115,7 @@ class Engine:
         self.block_size = block_size
         self.max_batch = max_batch
         self.overlap = overlap
+        self.reuse = reuse
         max_blocks = -(-(max_len + 4 * chain_len + 8) // block_size)
         self._setup_tree()
         self.num_branches = len(self.anchors) * kappa
@@ -333,6 +337,12 @@ class Engine:
         return bt, start
 
     def _branch_work(self, S, B, branch_token, result):
+        try:
+            self._branch_work_inner(S, B, branch_token, result)
+        except BaseException as e:  # re-raised by the main thread after join
+            result["error"] = e
+
+    def _branch_work_inner(self, S, B, branch_token, result):
         t0 = time.perf_counter()
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
@@ -380,13 +390,14 @@ class Engine:
             branch_anchor = branch_anchor.to(torch.int32).contiguous()
             # Branch rollouts, concurrently with the target's remaining layers.
             result = {}
+            use_branches = self.reuse
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(dev))
             worker = None
-            if self.overlap:
+            if use_branches and self.overlap:
                 worker = threading.Thread(target=self._branch_work, args=(S, B, branch_token, result))
                 worker.start()
-            else:
+            elif use_branches:
                 self._branch_work(S, B, branch_token, result)
             x, _ = self._forward(None, pos, table, seq, tree_mask, self.draft_layers, r.num_layers,
                                  x=x, rope=rope, cache_pos=cpos)
@@ -402,9 +413,11 @@ class Engine:
                 tw = time.perf_counter()
                 worker.join()
                 res.draft_wait_s += time.perf_counter() - tw
+            if "error" in result:
+                raise result["error"]
             if self._stream is not None:
                 torch.cuda.current_stream(dev).wait_stream(self._stream)
-            res.draft_rollout_s += result["time"]
+            res.draft_rollout_s += result.get("time", 0.0)
             r.timer("compact_kv_layers_", _ops.compact_kv_layers_, c.k, c.v, table, seq.to(torch.int32),
                     acc_idx, acc_len)
             reuse = r.timer("match_branch", _ops.match_branch, acc_idx, acc_len, nxt, branch_anchor,
@@ -425,6 +438,9 @@ class Engine:
             res.steps += 1
             step += 1
             # Next window: the matching precomputed branch, else a fresh rollout.
+            if not use_branches:
+                reuse = torch.full_like(reuse, -1)
+                result["rollout"] = (torch.zeros(B * M, self.chain_len, dtype=torch.long, device=dev),) * 2
             rchain, rsib = result["rollout"]
             reuse_h = reuse.tolist()
             res.reuse_trials += B
