@@ -43,10 +43,10 @@ CORPUS_FILES = (
 
 #: Model and run sizes. ``quick`` is for CI (seconds); ``full`` for the README command.
 PRESETS = {
-    "full": dict(hidden=192, layers=6, heads=6, kv_heads=2, ffn=512, draft_layers=1,
-                 experts=4, rank=8, top_k=2, seq=128, batch=16, steps=260, mixer_steps=40,
+    "full": dict(hidden=128, layers=8, heads=4, kv_heads=2, ffn=256, draft_layers=1,
+                 experts=4, rank=8, top_k=2, seq=96, batch=8, steps=200, mixer_steps=20,
                  lr=3e-3, corpus_bytes=600_000, prompts=8, new_tokens=96,
-                 chain_len=5, kappa=2, hf_prompts=4),
+                 chain_len=6, kappa=2, hf_prompts=4),
     "quick": dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, draft_layers=1,
                   experts=4, rank=4, top_k=2, seq=64, batch=8, steps=80, mixer_steps=10,
                   lr=4e-3, corpus_bytes=150_000, prompts=4, new_tokens=32,

@@ -300,16 +300,16 @@ class Engine:
             tok = top[:, 0]
         return chain, sib
 
-    def _branch_tables(self, S, B):
+    def _branch_tables(self, S, table):
         """Block tables of the B * M branch rollouts: the request's full prefix blocks (shared),
         then private blocks. Also copies, in the draft's layers, the prefix's partial last block
         and the anchor's path K/V (written by the verify pass) into the private blocks."""
         c, M, bs, dev = self.cache, self.num_branches, self.block_size, self.device
+        B = table.shape[0]
         R = B * M
         req = torch.arange(B, device=dev).repeat_interleave(M)
         anchor_slot = torch.arange(M, device=dev) // self.kappa  # anchor position in self.anchors
         aslot = anchor_slot.repeat(B)
-        table = c.block_table[:B]
         Sr = S[req]
         nfull = Sr // bs
         col = torch.arange(table.shape[1], device=dev)[None]
@@ -336,53 +336,63 @@ class Engine:
         start = Sr + self.anchor_pathlen[aslot]
         return bt, start
 
-    def _branch_work(self, S, B, branch_token, result):
+    def _branch_work(self, S, table, branch_token, result):
         try:
-            self._branch_work_inner(S, B, branch_token, result)
+            self._branch_work_inner(S, table, branch_token, result)
         except BaseException as e:  # re-raised by the main thread after join
             result["error"] = e
 
-    def _branch_work_inner(self, S, B, branch_token, result):
+    def _branch_work_inner(self, S, table, branch_token, result):
         t0 = time.perf_counter()
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
-                bt, start = self._branch_tables(S, B)
+                bt, start = self._branch_tables(S, table)
                 result["rollout"] = self._rollout(bt, start, branch_token.reshape(-1))
         else:
-            bt, start = self._branch_tables(S, B)
+            bt, start = self._branch_tables(S, table)
             result["rollout"] = self._rollout(bt, start, branch_token.reshape(-1))
         result["time"] = time.perf_counter() - t0
 
     def _mirror(self, y, out, n, sp, res, t0):
-        c, dev, B, N, M = self.cache, self.device, y.shape[0], self.N, self.num_branches
+        """Mirror-SD steps until every request has ``n`` tokens; a request that has them leaves the
+        batch (its table rows are gathered, nothing else moves)."""
+        c, dev, B_all, N, M = self.cache, self.device, y.shape[0], self.N, self.num_branches
         r = self.runner
-        parents = self.parents.expand(B, N).contiguous()
-        tree_mask = self.tree_mask.expand(B, N, -1).contiguous()
-        S = torch.tensor(c.lens[:B], dtype=torch.long, device=dev)
-        for b in range(B):
+        S_all = torch.tensor(c.lens[:B_all], dtype=torch.long, device=dev)
+        for b in range(B_all):
             c.reserve(b, c.lens[b] + N)
         tf = time.perf_counter()
-        chain, sib = self._rollout(c.block_table[:B], S, y)
+        chain, sib = self._rollout(c.block_table[:B_all], S_all, y)
         res.fresh_draft_s += time.perf_counter() - tf
-        tokens = self.window_tokens(y, chain, sib)
-        anchors_kids = self.anchor_kids
+        tokens_all = self.window_tokens(y, chain, sib)
+        kids = self.anchor_kids
+        A = self.anchors.shape[0]
         step = 0
-        while min(len(o) for o in out) < n:
-            for b in range(B):
+        while True:
+            act = [b for b in range(B_all) if len(out[b]) < n]
+            if not act:
+                break
+            B = len(act)
+            for b in act:
                 c.reserve(b, c.lens[b] + N)
-            table = c.block_table[:B]
+            if B == B_all:
+                rows = None
+                table, S, tokens = c.block_table[:B], S_all, tokens_all
+            else:
+                rows = torch.tensor(act, device=dev)
+                table, S, tokens = c.block_table[rows], S_all[rows], tokens_all[rows]
+            parents = self.parents.expand(B, N).contiguous()
+            tree_mask = self.tree_mask.expand(B, N, -1).contiguous()
             pos = S[:, None] + self.depth
             cpos = S[:, None] + self._node
             seq = S + N
             # Target layers [0, d): then the early-exit candidates at the anchors.
             x, rope = self._forward(tokens, pos, table, seq, tree_mask, 0, self.draft_layers,
                                     cache_pos=cpos)
-            A = self.anchors.shape[0]
             xa = x[:, self.anchors].reshape(B * A, -1)
             _, cand = r.exit_topk(xa, self.kappa + 2)
             cand = cand.view(B, A, self.kappa + 2)
-            kid_tok = torch.where(anchors_kids[None] >= 0,
-                                  tokens[:, anchors_kids.clamp(min=0)], -1)  # [B, A, 2]
+            kid_tok = torch.where(kids[None] >= 0, tokens[:, kids.clamp(min=0)], -1)  # [B, A, 2]
             bad = (cand[..., None] == kid_tok[:, :, None, :]).any(-1)
             order = torch.sort(bad.to(torch.int8), dim=-1, stable=True).indices[..., :self.kappa]
             branch_token = torch.gather(cand, 2, order).reshape(B, M)
@@ -395,10 +405,11 @@ class Engine:
                 self._stream.wait_stream(torch.cuda.current_stream(dev))
             worker = None
             if use_branches and self.overlap:
-                worker = threading.Thread(target=self._branch_work, args=(S, B, branch_token, result))
+                worker = threading.Thread(target=self._branch_work,
+                                          args=(S, table, branch_token, result))
                 worker.start()
             elif use_branches:
-                self._branch_work(S, B, branch_token, result)
+                self._branch_work(S, table, branch_token, result)
             x, _ = self._forward(None, pos, table, seq, tree_mask, self.draft_layers, r.num_layers,
                                  x=x, rope=rope, cache_pos=cpos)
             logits = r.logits(x)
@@ -416,10 +427,13 @@ class Engine:
             if "error" in result:
                 raise result["error"]
             if self._stream is not None:
-                torch.cuda.current_stream(dev).wait_stream(self._stream)
+                main = torch.cuda.current_stream(dev)
+                main.wait_stream(self._stream)
+                for t in result.get("rollout", ()):  # made on the side stream, used on this one
+                    t.record_stream(main)
             res.draft_rollout_s += result.get("time", 0.0)
-            r.timer("compact_kv_layers_", _ops.compact_kv_layers_, c.k, c.v, table, seq.to(torch.int32),
-                    acc_idx, acc_len)
+            r.timer("compact_kv_layers_", _ops.compact_kv_layers_, c.k, c.v, table,
+                    seq.to(torch.int32), acc_idx, acc_len)
             reuse = r.timer("match_branch", _ops.match_branch, acc_idx, acc_len, nxt, branch_anchor,
                             branch_token)
             # Emit: accepted path tokens, then the correction / bonus token.
@@ -427,10 +441,10 @@ class Engine:
             acc_len_h = acc_len.tolist()
             path_h = path_tok.tolist()
             nxt_h = nxt.tolist()
-            for b in range(B):
-                k = acc_len_h[b]
-                out[b].extend(path_h[b][1:k + 1])
-                out[b].append(nxt_h[b])
+            for i, b in enumerate(act):
+                k = acc_len_h[i]
+                out[b].extend(path_h[i][1:k + 1])
+                out[b].append(nxt_h[i])
                 c.lens[b] += k + 1
             S = S + acc_len.long() + 1
             res.accepted_per_step.append(sum(acc_len_h) / B)
@@ -440,23 +454,31 @@ class Engine:
             # Next window: the matching precomputed branch, else a fresh rollout.
             if not use_branches:
                 reuse = torch.full_like(reuse, -1)
-                result["rollout"] = (torch.zeros(B * M, self.chain_len, dtype=torch.long, device=dev),) * 2
-            rchain, rsib = result["rollout"]
             reuse_h = reuse.tolist()
             res.reuse_trials += B
-            hit = [b for b in range(B) if reuse_h[b] >= 0]
-            res.reuse_hits += len(hit)
-            if len(hit) == B:
-                rows = torch.arange(B, device=dev) * M + reuse.long()
-                chain, sib = rchain[rows], rsib[rows]
+            miss = [i for i in range(B) if reuse_h[i] < 0]
+            res.reuse_hits += B - len(miss)
+            if use_branches:
+                rchain, rsib = result["rollout"]
+                pick = torch.arange(B, device=dev) * M + reuse.long().clamp(min=0)
+                chain, sib = rchain[pick], rsib[pick]
             else:
-                miss = torch.tensor([b for b in range(B) if reuse_h[b] < 0], device=dev)
-                for b in range(B):
+                chain = torch.zeros(B, self.chain_len, dtype=torch.long, device=dev)
+                sib = torch.zeros_like(chain)
+            if miss:
+                for b in act:
                     c.reserve(b, c.lens[b] + N)
-                rows = torch.arange(B, device=dev) * M + reuse.long().clamp(min=0)
-                chain, sib = rchain[rows].clone(), rsib[rows].clone()
+                mt = torch.tensor(miss, device=dev)
+                table = c.block_table[:B] if rows is None else c.block_table[rows]  # reserved anew
                 tf = time.perf_counter()
-                fc, fs = self._rollout(c.block_table[:B][miss], S[miss], nxt[miss])
+                fc, fs = self._rollout(table[mt], S[mt], nxt[mt])
                 res.fresh_draft_s += time.perf_counter() - tf
-                chain[miss], sib[miss] = fc, fs
-            tokens = self.window_tokens(nxt, chain, sib)
+                chain[mt], sib[mt] = fc, fs
+            new_tokens = self.window_tokens(nxt, chain, sib)
+            if rows is None:
+                S_all, tokens_all = S, new_tokens
+            else:
+                S_all = S_all.clone()
+                S_all[rows] = S
+                tokens_all = tokens_all.clone()
+                tokens_all[rows] = new_tokens
