@@ -43,14 +43,14 @@ CORPUS_FILES = (
 
 #: Model and run sizes. ``quick`` is for CI (seconds); ``full`` for the README command.
 PRESETS = {
-    "full": dict(hidden=128, layers=8, heads=4, kv_heads=2, ffn=256, draft_layers=1,
-                 experts=4, rank=8, top_k=2, seq=96, batch=8, steps=200, mixer_steps=20,
-                 lr=3e-3, corpus_bytes=600_000, prompts=8, new_tokens=96,
-                 chain_len=6, kappa=2, hf_prompts=4),
+    "full": dict(hidden=128, layers=8, heads=4, kv_heads=2, ffn=256, draft_layers=2,
+                 experts=4, rank=8, top_k=2, seq=96, batch=8, steps=180, mixer_steps=20,
+                 lr=3e-3, corpus_bytes=600_000, prompts=8, new_tokens=64,
+                 chain_len=6, kappa=2, num_anchors=2, hf_prompts=2),
     "quick": dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, draft_layers=1,
                   experts=4, rank=4, top_k=2, seq=64, batch=8, steps=80, mixer_steps=10,
                   lr=4e-3, corpus_bytes=150_000, prompts=4, new_tokens=32,
-                  chain_len=4, kappa=2, hf_prompts=2),
+                  chain_len=4, kappa=2, num_anchors=2, hf_prompts=2),
 }
 
 #: Bump when training changes, so stale cached weights are not reused.
@@ -291,19 +291,22 @@ def run(args) -> dict:
     n = p["new_tokens"]
     d = p["draft_layers"]
     kw = dict(draft_layers=d, chain_len=p["chain_len"], kappa=p["kappa"], max_batch=len(prompts),
-              max_len=max(map(len, prompts)) + n + 64)
+              num_anchors=p["num_anchors"], max_len=max(map(len, prompts)) + n + 64)
     eng = Engine(model, overlap=True, **kw)
     eng_seq = Engine(model, overlap=False, **kw)
+    eng_fresh = Engine(model, overlap=False, reuse=False, **kw)
     warm = [pr[:8] for pr in prompts]
-    for e in (eng, eng_seq):  # warm-up (allocator, lazy imports, CUDA kernels' compilation)
+    for e in (eng, eng_seq, eng_fresh):  # warm-up (allocator, lazy imports, CUDA compilation)
         e.generate(warm, 8, mode="plain")
         e.generate(warm, 8, mode="mirror")
     log("decoding ...")
     plain = eng.generate(prompts, n, mode="plain")
     mirror = eng.generate(prompts, n, mode="mirror")
     mirror_seq = eng_seq.generate(prompts, n, mode="mirror")
+    fresh = eng_fresh.generate(prompts, n, mode="mirror")
     equal = [a == b for a, b in zip(mirror.tokens, plain.tokens)]
     equal_seq = [a == b for a, b in zip(mirror_seq.tokens, plain.tokens)]
+    equal_fresh = [a == b for a, b in zip(fresh.tokens, plain.tokens)]
     # transformers: plain greedy generate and assisted generation on the same weights.
     draft = draft_view(model, d)
     hp = prompts[:p["hf_prompts"]]
@@ -314,7 +317,7 @@ def run(args) -> dict:
     # Time per op: one more Mirror-SD run with a timer around every op (synchronised on CUDA;
     # overlap off so the draft's ops are not double counted).
     timer = OpTimer(enabled=True, sync=device.type == "cuda")
-    prof = Engine(model, overlap=False, timer=timer, **kw).generate(prompts, n, mode="mirror")
+    prof = Engine(model, overlap=False, timer=timer, **kw).generate(prompts, min(n, 32), mode="mirror")
     prof_total = prof.elapsed_s
 
     plain_tps = plain.tokens_per_s
@@ -325,6 +328,7 @@ def run(args) -> dict:
         "lossless": all(equal),
         "lossless_prompts": f"{sum(equal)}/{len(equal)}",
         "lossless_no_overlap": all(equal_seq),
+        "lossless_no_branches": all(equal_fresh),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                  else f" ({platform.processor() or platform.machine()}, "
                                       f"{torch.get_num_threads()} threads)"),
@@ -336,6 +340,10 @@ def run(args) -> dict:
         "plain_tokens_per_s": plain_tps,
         "mirror_tokens_per_s": mirror_tps,
         "mirror_no_overlap_tokens_per_s": mirror_seq.tokens_per_s,
+        # Same engine, same tree drafts and verification, but no branch rollouts: the draft always
+        # rolls out the next window after verification (what Mirror-SD's branches replace).
+        "tree_spec_no_branches_tokens_per_s": fresh.tokens_per_s,
+        "speedup_no_branches_vs_plain": fresh.tokens_per_s / plain_tps,
         "hf_assisted_tokens_per_s": hf_tps,
         "hf_plain_tokens_per_s": len(hp) * n / hf_plain_s,
         "hf_prompts": len(hp),
@@ -343,7 +351,8 @@ def run(args) -> dict:
         "speedup_vs_plain": mirror_tps / plain_tps,
         "speedup_vs_hf_assisted": mirror_tps / hf_tps,
         "mean_accepted_len": mirror.mean_accepted_len,
-        "mean_tokens_per_step": mirror.num_tokens / (mirror.steps * len(prompts)) if mirror.steps else 0.0,
+        # per request and step: the accepted draft tokens plus the correction / bonus token
+        "mean_tokens_per_step": mirror.mean_accepted_len + 1.0,
         "branch_reuse_rate": mirror.branch_reuse_rate,
         "mirror_steps": mirror.steps,
         "plain_steps": plain.steps + 1,
@@ -361,7 +370,8 @@ def run(args) -> dict:
         "profiled_run_s": prof_total,
         "plain_elapsed_s": per_prompt_plain_s,
         "tree": {"nodes": eng.N, "chain_len": p["chain_len"], "siblings": True, "kappa": p["kappa"],
-                 "branches_per_request": eng.num_branches, "draft_layers": d,
+                 "branches_per_request": eng.num_branches, "anchors": p["num_anchors"],
+                 "draft_layers": d,
                  "target_layers": p["layers"]},
         "model": {k: p[k] for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "experts",
                                     "rank", "top_k")},
@@ -428,6 +438,8 @@ def summary(r) -> str:
         f"({r['mean_tokens_per_step']:.2f} emitted), branch reuse rate {r['branch_reuse_rate']:.2f}",
         f"overlap ({o['mode']}): {o['with_overlap_s']:.3f} s with, {o['without_overlap_s']:.3f} s "
         f"without (x{o['gain']:.2f})",
+        f"tree speculation without branch rollouts {r['tree_spec_no_branches_tokens_per_s']:.1f} tok/s "
+        f"(x{r['speedup_no_branches_vs_plain']:.2f} vs plain)",
         "time per op (profiled run, ms): " + ", ".join(
             f"{k} {v:.1f}" for k, v in r["time_per_op_ms"].items()),
     ]

@@ -79,8 +79,8 @@ class Engine:
     * the target verifies the window in one pass (``tree_attention``, positions = prefix length +
       depth); after layer ``draft_layers`` its early-exit head (``lm_head_topk`` on the normed
       hidden state, shared head) gives ``kappa`` candidates for the correction / bonus token at the
-      root and at every chain node (tokens equal to a drafted child are skipped: a correction never
-      equals a child's token). For each (anchor node, candidate) the draft rolls out the next
+      deepest ``num_anchors`` chain nodes (default all, root included; tokens equal to a drafted
+      child are skipped: a correction never equals a child's token). For each (anchor node, candidate) the draft rolls out the next
       window, in a worker thread (a second CUDA stream on GPU) while the target runs its remaining
       layers (``overlap=True``);
     * ``verify_greedy`` / ``verify_sampling`` accept a path, ``compact_kv_layers_`` moves its K/V in
@@ -98,7 +98,7 @@ class Engine:
     def __init__(self, model, *, draft_layers: int = 1, chain_len: int = 4, siblings: bool = True,
                  kappa: int = 2, block_size: int = 16, max_len: int = 1024, max_batch: int = 8,
                  num_blocks: int | None = None, overlap: bool = True, reuse: bool = True,
-                 timer: OpTimer | None = None):
+                 num_anchors: int | None = None, timer: OpTimer | None = None):
         self.model = model
         self.runner = LlamaRunner(model, timer)
         r = self.runner
@@ -106,6 +106,9 @@ class Engine:
             raise ValueError(f"Engine: draft_layers must be in [1, {r.num_layers}), got {draft_layers}")
         if chain_len < 1 or kappa < 1:
             raise ValueError("Engine: chain_len and kappa must be >= 1")
+        if num_anchors is not None and not 1 <= num_anchors <= chain_len + 1:
+            raise ValueError(f"Engine: num_anchors must be in [1, {chain_len + 1}], got {num_anchors}")
+        self.num_anchors = chain_len + 1 if num_anchors is None else num_anchors
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.draft_layers = draft_layers
@@ -152,16 +155,18 @@ class Engine:
         mask, depth, _, _ = _ops.build_tree(self.parents)
         self.tree_mask, self.depth = mask, depth.long()
         self._node = torch.arange(N, device=dev)[None]
-        self.anchors = torch.tensor(chain_idx, dtype=torch.long, device=dev)
+        # Branch anchors: the deepest ``num_anchors`` nodes of the chain (root included when all).
+        js = list(range(L + 1 - self.num_anchors, L + 1))
+        self.anchors = torch.tensor([chain_idx[j] for j in js], dtype=torch.long, device=dev)
         # Children tokens to exclude per anchor (-1 = none), the anchor's path (root first).
         kids = []
-        for j in range(L + 1):
+        for j in js:
             c = [i for i in range(1, N) if parents[i] == chain_idx[j]]
             kids.append(c + [-1] * (2 - len(c)))
         self.anchor_kids = torch.tensor(kids, dtype=torch.long, device=dev)
-        self.anchor_paths = torch.tensor([chain_idx[:j + 1] + [0] * (L - j) for j in range(L + 1)],
+        self.anchor_paths = torch.tensor([chain_idx[:j + 1] + [0] * (L - j) for j in js],
                                          dtype=torch.long, device=dev)
-        self.anchor_pathlen = torch.arange(1, L + 2, device=dev)
+        self.anchor_pathlen = torch.tensor([j + 1 for j in js], dtype=torch.long, device=dev)
 
     def window_tokens(self, root, chain, sib):
         """Tree tokens ``[R, N]`` from the root token, the chain and the sibling leaves."""
