@@ -327,6 +327,12 @@ def run(args) -> dict:
     hf_tok, hf_s = run_hf(model, draft, hp, n, device, assisted=True)
     hf_plain_tok, hf_plain_s = run_hf(model, draft, hp, n, device, assisted=False)
     hf_equal = [a == b for a, b in zip(hf_tok, plain.tokens)]
+    # The same prompts one at a time on the engine (batch 1, as transformers' assisted generation).
+    one = dict(kw, max_batch=1)
+    e1, e1_plain = Engine(model, overlap=True, **one), Engine(model, overlap=True, **one)
+    e1.generate([hp[0][:8]], 4, mode="mirror")
+    t_m1 = sum(e1.generate([pr], n, mode="mirror").elapsed_s for pr in hp)
+    t_p1 = sum(e1_plain.generate([pr], n, mode="plain").elapsed_s for pr in hp)
     # Time per op: one more Mirror-SD run with a timer around every op (synchronised on CUDA;
     # overlap off so the draft's ops are not double counted).
     timer = OpTimer(enabled=True, sync=device.type == "cuda")
@@ -364,6 +370,12 @@ def run(args) -> dict:
         "hf_assisted_matches_engine_plain": f"{sum(hf_equal)}/{len(hf_equal)}",
         "speedup_vs_plain": mirror_tps / plain_tps,
         "speedup_vs_hf_assisted": mirror_tps / hf_tps,
+        # Batch 1 on both sides (the engine's batched run above is what a server would do; this
+        # separates the batching gain from the decoding method).
+        "mirror_batch1_tokens_per_s": len(hp) * n / t_m1,
+        "plain_batch1_tokens_per_s": len(hp) * n / t_p1,
+        "speedup_vs_hf_assisted_batch1": (len(hp) * n / t_m1) / hf_tps,
+        "speedup_vs_plain_batch1": t_p1 / t_m1,
         "mean_accepted_len": mirror.mean_accepted_len,
         # per request and step: the accepted draft tokens plus the correction / bonus token
         "mean_tokens_per_step": mirror.mean_accepted_len + 1.0,
@@ -448,6 +460,9 @@ def summary(r) -> str:
         f"x{r['speedup_vs_plain']:.2f} vs plain, x{r['speedup_vs_hf_assisted']:.2f} vs HF assisted",
         f"HF assisted generation       {r['hf_assisted_tokens_per_s']:9.1f} tok/s   (batch 1, "
         f"{r['hf_prompts']} prompts; HF plain generate {r['hf_plain_tokens_per_s']:.1f} tok/s)",
+        f"batch 1 (same {r['hf_prompts']} prompts): Mirror-SD {r['mirror_batch1_tokens_per_s']:.1f} tok/s, "
+        f"plain {r['plain_batch1_tokens_per_s']:.1f} tok/s: x{r['speedup_vs_plain_batch1']:.2f} vs plain, "
+        f"x{r['speedup_vs_hf_assisted_batch1']:.2f} vs HF assisted",
         f"mean accepted length {r['mean_accepted_len']:.2f} draft tokens/step "
         f"({r['mean_tokens_per_step']:.2f} emitted), branch reuse rate {r['branch_reuse_rate']:.2f}",
         f"overlap ({o['mode']}): {o['with_overlap_s']:.3f} s with, {o['without_overlap_s']:.3f} s "
