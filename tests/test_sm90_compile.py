@@ -16,7 +16,7 @@ EXPECTED = {
     "routed_lora": {"_routed_lora_token_major_kernel", "_routed_lora_sorted_kernel",
                     "_sorted_shrink_kernel", "_sorted_expand_kernel"},
     "routed_lora_backward": {"_routed_lora_bwd_shrink_kernel", "_routed_lora_bwd_expand_kernel"},
-    "tree": {"_build_tree_kernel", "_tree_attn_fwd_kernel", "_tree_attn_merge_kernel"},
+    "tree": {"_build_tree_kernel", "_tree_attention_kernel", "_tree_attention_merge_kernel"},
     "verify": {"_verify_greedy_kernel", "_verify_sampling_kernel", "_match_branch_kernel",
                "_separate_recover_kernel", "_separate_accept_kernel", "_compact_kv_kernel"},
 }
