@@ -1,7 +1,7 @@
 """build_tree and tree_attention: the reference and the fast CPU kernel against independent
 float64 / pure-Python oracles, the Triton kernels (GPU, or CPU under the interpreter) against them,
-the family's specific fixes (issues 8 / 9), bad input. ``sample_inputs`` feeds tests/test_contract.py
-(opcheck, torch.compile, strided views of every argument); the table of bad and edge inputs is
+the family's specific fixes (issues 8 / 9), bad input. ``sample_inputs`` feeds
+tests/test_contract.py (opcheck, torch.compile, strided views of every argument); the table of bad and edge inputs is
 tests/test_tree_adversarial.py.
 
 Interpreter budget: most attention cases use D in {16, 32}, short prefixes and few heads; D = 128
@@ -227,7 +227,8 @@ def test_build_tree_kernel_sanitises_bad_parents(dtype):
 @pytest.mark.parametrize("backend, device, ctx", backends())
 def test_build_tree_int64_parents_do_not_wrap(backend, device, ctx):
     """Issue 9.6: 2^32 + 1 (and -2^32 + 1) are not parent 1. With value checks off they count as
-    -1 (no parent) on both paths; the Triton kernel used to narrow them to int32 first (parent 1)."""
+    -1 (no parent) on both paths; the Triton kernel used to narrow them to int32 first
+    (parent 1)."""
     parents = torch.tensor([[-1, 0, 2**32 + 1, -(2**32) + 1, 1]], dtype=torch.int64)
     expected, _ = oracle_tree(torch.tensor([[-1, 0, -1, -1, 1]]))
     with ctx(), value_checks_off():
@@ -260,8 +261,8 @@ def test_build_tree_child_of_padding_node(backend, device, ctx):
     ([[-1, -2]], r"parents\[0, 1\] = -2"),
 ])
 def test_build_tree_bad_values(backend, device, ctx, parents, match):
-    with ctx(), value_checks(), pytest.raises(ValueError, match=r"build_tree: parents is not a tree: "
-                                               + match):
+    with ctx(), value_checks(), pytest.raises(
+            ValueError, match=r"build_tree: parents is not a tree: " + match):
         build_tree(torch.tensor(parents, device=device))
 
 
@@ -733,7 +734,8 @@ def _bad(args, i, value):
 BAD_ATTENTION = [
     (lambda a: _bad(a, 0, a[0][0]), ValueError, r"tree_attention: q must have 4 dimensions"),
     (lambda a: _bad(a, 0, a[0].int()), TypeError, r"tree_attention: q must have dtype"),
-    (lambda a: _bad(a, 1, a[1].double()), TypeError, r"tree_attention: k_cache must have q's dtype"),
+    (lambda a: _bad(a, 1, a[1].double()), TypeError,
+     r"tree_attention: k_cache must have q's dtype"),
     (lambda a: _bad(a, 2, a[2][:, :8]), ValueError, r"tree_attention: v_cache must have shape"),
     (lambda a: _bad(a, 1, a[1][..., :8]), ValueError, r"tree_attention: k_cache head dim"),
     (lambda a: _bad(_bad(a, 1, a[1][:, :, :1].expand(-1, -1, 3, -1)), 2,

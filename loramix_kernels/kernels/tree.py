@@ -111,9 +111,9 @@ def _tree_attention_step(
 
     A disallowed key gets probability exactly 0, but ``0 * inf`` and ``0 * NaN`` are NaN inside
     ``p @ v``. Where not every row of the tile sees every key (the tree part, ``SANITIZE_V``), the
-    non-finite entries of V are replaced by 0 before the dot and the returned ``[BLOCK_KV]`` flag
-    marks those keys, so the caller poisons (NaN) exactly the rows that do see one: bytes a node
-    does not see never reach its output. (A NaN in K needs nothing: its score is replaced by -inf.)
+    non-finite entries of V are replaced by 0 before the dot and exactly the rows that do see such
+    a key get a NaN accumulator: bytes a node does not see never reach its output. (A NaN in K
+    needs nothing: its score is replaced by -inf.)
     """
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
@@ -142,18 +142,19 @@ def _tree_attention_step(
     v = tl.load(v_head_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs
                 + d[None, :] * stride_vd, mask=kvalid[:, None] & dmask[None, :], other=0.0)
     if SANITIZE_V:
-        vf = v.to(tl.float32)
-        bad = (vf != vf) | (tl.abs(vf) == float("inf"))
-        v_bad = tl.max(bad.to(tl.int32), axis=1)
+        bad = (v - v) != 0  # NaN or +-inf, in V's own dtype (cheap on registers)
         v = tl.where(bad, 0.0, v).to(v.dtype)
-    else:
-        v_bad = tl.zeros_like(pos)
+        # rows that see a poisoned key: acc becomes NaN and stays NaN (this is the last loop)
+        v_bad = tl.max(bad.to(tl.int32), axis=1)
+        row_bad = tl.max(tl.where(allowed, v_bad[None, :], 0), axis=1)
     if DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32))
     else:
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i, v_bad
+    if SANITIZE_V:
+        acc = tl.where(row_bad[:, None] != 0, float("nan"), acc)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def _tree_attention_kernel(
     stride_sl,
     stride_tmb, stride_tmn, stride_tmw,
     stride_ob, stride_on, stride_oh, stride_od,
-    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Tree attention for one (query-row tile, request ``b``, KV head ``h``, KV split ``s``).
@@ -226,37 +227,34 @@ def _tree_attention_kernel(
     for start in range(lo, hi, BLOCK_KV):
         pos = start + tl.arange(0, BLOCK_KV)
         kvalid = pos < hi
-        acc, m_i, l_i, _ = _tree_attention_step(
+        acc, m_i, l_i = _tree_attention_step(
             acc, m_i, l_i, q, k_head_ptr, v_head_ptr, bt_row_ptr, pos, kvalid,
             kvalid[None, :] & row_valid[:, None],
             num_blocks, block_size, max_blocks, qk_scale, D,
             stride_btm, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
             BLOCK_D, DOT_FP32, False)
 
-    # Tree part (last split only): node j sits at position prefix + j; the bitmask decides.
-    # seen_bad: the row sees a tree position whose V holds NaN / inf (its output becomes NaN).
-    seen_bad = tl.zeros([BLOCK_M], dtype=tl.int32)
+    # Tree part (last split only): node j sits at position prefix + j; the bitmask decides. Its
+    # own (small) key tile BLOCK_T keeps the V sanitising off the register peak of the prefix loop.
     tree_hi = tl.where(pid_s == num_splits - 1, N, 0)
     tm_rows = tree_mask_ptr + b * stride_tmb + node[:, None].to(tl.int64) * stride_tmn
-    for t0 in range(0, tree_hi, BLOCK_KV):
-        j = t0 + tl.arange(0, BLOCK_KV)
+    for t0 in range(0, tree_hi, BLOCK_T):
+        j = t0 + tl.arange(0, BLOCK_T)
         pos = tl.minimum(tl.maximum(prefix + j, -1), cap).to(tl.int32)
         kvalid = (j < N) & (pos >= 0) & (pos < cap)
         word = tl.load(tm_rows + (j // 32)[None, :] * stride_tmw,
                        mask=row_valid[:, None] & (j < N)[None, :], other=0)
         bit = (word >> (j % 32)[None, :]) & 1
         allowed = (bit != 0) & kvalid[None, :] & row_valid[:, None]
-        acc, m_i, l_i, v_bad = _tree_attention_step(
+        acc, m_i, l_i = _tree_attention_step(
             acc, m_i, l_i, q, k_head_ptr, v_head_ptr, bt_row_ptr, pos, kvalid, allowed,
             num_blocks, block_size, max_blocks, qk_scale, D,
             stride_btm, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
             BLOCK_D, DOT_FP32, True)
-        seen_bad = tl.maximum(seen_bad, tl.max(tl.where(allowed, v_bad[None, :], 0), axis=1))
 
     # A row with no visible key at all (only possible with a mask lacking its diagonal) gets 0.
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    o = tl.where(seen_bad[:, None] != 0, float("nan"), o)
     if SPLIT:
         part = (pid_bh * num_splits + pid_s) * M_PAD + r
         tl.store(o_part_ptr + part[:, None] * BLOCK_D + d[None, :], o)
