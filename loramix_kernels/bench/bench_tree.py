@@ -33,12 +33,13 @@ DTYPE = torch.bfloat16
 
 
 def cases(quick: bool):
-    if quick:  # CPU: decode shapes of issue 10 (B 1..8, N 8..64, prefix 128..2048) and a small one
+    if quick:  # CPU: decode shapes of issue 10 (B 1..8, N 8..64, prefix 128..2048), a wide tree
         return [dict(B=2, prefix=64, N=8, Hq=4, Hkv=2, D=32, block=16),
                 dict(B=1, prefix=128, N=8, Hq=8, Hkv=2, D=64, block=16),
                 dict(B=8, prefix=128, N=8, Hq=32, Hkv=8, D=128, block=16),
                 dict(B=4, prefix=512, N=16, Hq=32, Hkv=8, D=128, block=16),
-                dict(B=2, prefix=2048, N=64, Hq=16, Hkv=2, D=64, block=16)]
+                dict(B=2, prefix=2048, N=64, Hq=16, Hkv=2, D=64, block=16),
+                dict(B=1, prefix=512, N=256, Hq=16, Hkv=4, D=64, block=16)]  # prefill-ish
     return [dict(B=B, prefix=P, N=N, Hq=32, Hkv=8, D=128, block=16)
             for B, P, N in itertools.product([1, 8, 32], [1024, 8192, 32768], [16, 64])]
 

@@ -21,7 +21,7 @@ from .. import _backend
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_parents, check_shape, check_tensor,
                        fail)
 from .._tiles import cdiv, pow2_at_least
-from ..reference.tree import build_tree_ref, default_scale
+from ..reference.tree import build_tree_ref, default_scale, tree_attention_ref
 from ._registry import register_op
 
 # ==================================================================================================
@@ -146,27 +146,32 @@ _TA = "tree_attention"
 
 def validate_tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None):
     """Shapes, dtypes, devices, sm_scale; where ``check_values`` allows also the lengths (in
-    their own width) and the block ids a request uses."""
+    their own width) and the block ids a request uses. Messages are formatted only on failure
+    (this runs on every call: per-call overhead at decode shapes)."""
     check_tensor(_TA, "q", q, ndim=4, dtypes=FLOAT_DTYPES)
     dev = q.device
     if dev.type == "cuda":  # fp32 is a CPU-only dtype of this op (a tf32 dot would lose precision)
-        check(q.dtype != torch.float32, _TA, "q",
-              "must be float16 or bfloat16 on CUDA, got float32", TypeError)
+        if q.dtype == torch.float32:
+            fail(_TA, "q", "must be float16 or bfloat16 on CUDA, got float32", TypeError)
     B, N, Hq, D = q.shape
-    check(N >= 1, _TA, "q", f"must hold at least one tree node (dim 1), got shape {list(q.shape)}")
-    check(D >= 1, _TA, "q", f"must have a non-empty head dim, got shape {list(q.shape)}")
+    if N < 1:
+        fail(_TA, "q", f"must hold at least one tree node (dim 1), got shape {list(q.shape)}")
+    if D < 1:
+        fail(_TA, "q", f"must have a non-empty head dim, got shape {list(q.shape)}")
     check_tensor(_TA, "k_cache", k_cache, ndim=4, device=dev)
-    check(k_cache.dtype == q.dtype, _TA, "k_cache", f"must have q's dtype {q.dtype}, got "
-          f"{k_cache.dtype}", TypeError)
+    if k_cache.dtype != q.dtype:
+        fail(_TA, "k_cache", f"must have q's dtype {q.dtype}, got {k_cache.dtype}", TypeError)
     num_blocks, block_size, Hkv, Dk = k_cache.shape
-    check(Dk == D, _TA, "k_cache", f"head dim (dim 3) must equal q's {D}, got {Dk}")
-    check(num_blocks >= 1 and block_size >= 1 and Hkv >= 1, _TA, "k_cache",
-          f"must be non-empty [num_blocks, block_size, Hkv, D], got {list(k_cache.shape)}")
-    check(Hq % Hkv == 0, _TA, "q", f"heads ({Hq}) must be a multiple of k_cache's KV heads ({Hkv}) "
-          "(GQA)")
+    if Dk != D:
+        fail(_TA, "k_cache", f"head dim (dim 3) must equal q's {D}, got {Dk}")
+    if not (num_blocks >= 1 and block_size >= 1 and Hkv >= 1):
+        fail(_TA, "k_cache",
+             f"must be non-empty [num_blocks, block_size, Hkv, D], got {list(k_cache.shape)}")
+    if Hq % Hkv != 0:
+        fail(_TA, "q", f"heads ({Hq}) must be a multiple of k_cache's KV heads ({Hkv}) (GQA)")
     check_tensor(_TA, "v_cache", v_cache, ndim=4, device=dev)
-    check(v_cache.dtype == q.dtype, _TA, "v_cache", f"must have q's dtype {q.dtype}, got "
-          f"{v_cache.dtype}", TypeError)
+    if v_cache.dtype != q.dtype:
+        fail(_TA, "v_cache", f"must have q's dtype {q.dtype}, got {v_cache.dtype}", TypeError)
     check_shape(_TA, "v_cache", v_cache, tuple(k_cache.shape))
     check_tensor(_TA, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     check_shape(_TA, "block_table", block_table, (B, None))
@@ -175,30 +180,33 @@ def validate_tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mas
     check_shape(_TA, "seq_lens", seq_lens, (B,))
     check_tensor(_TA, "tree_mask", tree_mask, ndim=3, dtypes=(torch.int32,), device=dev)
     check_shape(_TA, "tree_mask", tree_mask, (B, N, cdiv(N, 32)))
-    check(sm_scale is None or (isinstance(sm_scale, (float, int)) and math.isfinite(sm_scale)),
-          _TA, "sm_scale", f"must be a finite float or None, got {sm_scale!r}")
+    if not (sm_scale is None or (isinstance(sm_scale, (float, int)) and math.isfinite(sm_scale))):
+        fail(_TA, "sm_scale", f"must be a finite float or None, got {sm_scale!r}")
     if B > 0 and _backend.check_values(seq_lens):
         _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
 
 
 def _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size):
-    # In the input's own width: an int64 2^32 + 10 is a length past the table, not 10.
-    short = seq_lens < N
-    if bool(short.any()):
-        b = int(short.nonzero()[0, 0])
+    # Cheap first (one reduction per tensor, compared as Python ints: in the input's own width,
+    # an int64 2^32 + 10 is a length past the table, not 10); the precise search runs only to
+    # name the offending entry, or when the table holds out-of-range ids (padding) somewhere.
+    lo, hi = (int(x) for x in seq_lens.aminmax())
+    if lo < N:
+        b = int((seq_lens < N).nonzero()[0, 0])
         fail(_TA, "seq_lens", f"[{b}] = {int(seq_lens[b])} is shorter than the {N} tree nodes it "
              "must include (the tree sits at positions seq_lens - N + i)")
     cap = block_table.shape[1] * block_size
-    long_ = seq_lens > cap
-    if bool(long_.any()):
-        b = int(long_.nonzero()[0, 0])
+    if hi > cap:
+        b = int((seq_lens > cap).nonzero()[0, 0])
         fail(_TA, "block_table", f"is too short: row {b} maps {cap} positions "
              f"({block_table.shape[1]} blocks of {block_size}) but seq_lens[{b}] = "
              f"{int(seq_lens[b])}")
+    tlo, thi = (int(x) for x in block_table.aminmax())
+    if tlo >= 0 and thi < num_blocks:
+        return
     # Only the blocks a request uses must be valid; the tail of a row may hold padding (e.g. -1).
-    lens = seq_lens.long()
-    used = torch.arange(block_table.shape[1], device=lens.device)[None, :] < \
-        ((lens + block_size - 1) // block_size)[:, None]
+    used = torch.arange(block_table.shape[1], device=seq_lens.device)[None, :] < \
+        ((seq_lens.long() + block_size - 1) // block_size)[:, None]
     bad = used & ((block_table < 0) | (block_table >= num_blocks))
     if bool(bad.any()):
         b, m = (int(x) for x in bad.nonzero()[0])
@@ -332,6 +340,8 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     NaN); a row that sees no key gets 0. Bad lengths or block ids (value checks off) are clamped
     as in the Triton kernel.
     """
+    if q.device.type != "cpu":  # LORAMIX_BACKEND=reference on CUDA tensors (a debugging aid)
+        return tree_attention_ref(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
     B, N, Hq, D = q.shape
     num_blocks, bs, Hkv, _ = k_cache.shape
     scale = default_scale(D) if sm_scale is None else float(sm_scale)
@@ -357,7 +367,7 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
         pos.clamp_(0, cap - 1)
     # Clamped always: a shorter prefix's masked tail may map to padding entries (-1) of its row.
     blk = block_table.gather(1, pos // bs).clamp_(0, num_blocks - 1)
-    slot = blk * bs + pos % bs
+    slot = (pos % bs).add_(blk, alpha=bs)  # int64 (an int32 block id times bs could wrap)
     if k_cache.stride(0) == bs * k_cache.stride(1) and v_cache.stride(0) == bs * v_cache.stride(1):
         slot = slot.view(-1)
         k = k_cache.flatten(0, 1).index_select(0, slot).view(B, L, Hkv, D)
