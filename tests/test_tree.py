@@ -1,8 +1,8 @@
 """build_tree and tree_attention: the reference and the fast CPU kernel against independent
 float64 / pure-Python oracles, the Triton kernels (GPU, or CPU under the interpreter) against them,
 the family's specific fixes (issues 8 / 9), bad input. ``sample_inputs`` feeds
-tests/test_contract.py (opcheck, torch.compile, strided views of every argument); the table of bad and edge inputs is
-tests/test_tree_adversarial.py.
+tests/test_contract.py (opcheck, torch.compile, strided views of every argument); the table of bad
+and edge inputs is tests/test_tree_adversarial.py.
 
 Interpreter budget: most attention cases use D in {16, 32}, short prefixes and few heads; D = 128
 and 256 appear with tiny prefixes only.
@@ -502,9 +502,18 @@ CPU_CASES = [
 ]
 
 
+@pytest.fixture(params=["folded", "per-head"])
+def cpu_layout(request, monkeypatch):
+    """Both layouts of the CPU kernel: GQA group folded into the query rows (small trees), or
+    one [N, L] problem per query head with SDPA's GQA (wide trees)."""
+    monkeypatch.setattr(T, "_FOLD_MAX_ROWS", 10**9 if request.param == "folded" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("B, N, Hq, Hkv, D, block_size, prefix_lens, kind", CPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_kernel_matches_oracle(B, N, Hq, Hkv, D, block_size, prefix_lens, kind, dtype):
+def test_cpu_kernel_matches_oracle(B, N, Hq, Hkv, D, block_size, prefix_lens, kind, dtype,
+                                   cpu_layout):
     """``tree_attention_cpu`` (the fused CPU path) against the float64 oracle that walks the
     parents, and against the fp32 reference."""
     parents, args = make_attention_case(B, N, Hq, Hkv, D, block_size, prefix_lens, dtype, kind,
@@ -518,7 +527,7 @@ def test_cpu_kernel_matches_oracle(B, N, Hq, Hkv, D, block_size, prefix_lens, ki
     assert_close(got, tree_attention_ref(*args, scale).double(), dtype)
 
 
-def test_cpu_kernel_arbitrary_mask_bits_and_dead_rows():
+def test_cpu_kernel_arbitrary_mask_bits_and_dead_rows(cpu_layout):
     """Any int32 mask (sign bit, bits past N, rows without their diagonal) decodes like the
     reference; rows that see nothing (prefix 0, no bit) give zeros, not NaN."""
     g = torch.Generator().manual_seed(4)
@@ -582,6 +591,18 @@ def _garbage_in_unseen_slots(dtype, device, what=("k", "v"), value=float("nan"))
         for i in range(N):
             sees[b, i] = any(j > 0 and int(parents[b, j]) == -1 for j in anc[b][i])
     return parents, to_device(args, device), sees
+
+
+@pytest.mark.parametrize("what, value", [(("v",), float("inf")), (("k", "v"), float("nan")),
+                                         (("k",), float("-inf"))])
+def test_cpu_kernel_unseen_garbage_both_layouts(what, value, cpu_layout):
+    """Issue 9.3 on both layouts of the CPU kernel (as in
+    test_unseen_garbage_does_not_reach_a_node)."""
+    parents, args, sees = _garbage_in_unseen_slots(torch.float32, "cpu", what, value)
+    expected = oracle_attention(*args[:5], parents, 0.3)
+    got = T.tree_attention_cpu(*args, 0.3)
+    assert_close(got[~sees], expected[~sees], torch.float32)
+    assert not torch.isfinite(got[sees]).all(-1).all(-1).any()
 
 
 @pytest.mark.parametrize("backend, device, ctx", backends())

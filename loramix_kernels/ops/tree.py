@@ -326,19 +326,24 @@ def _arange(n: int) -> torch.Tensor:
     return _ARANGE[:n]
 
 
+#: Fold the GQA group into the query rows while N * G stays at most this (measured on CPU: folding
+#: wins at decode sizes, the per-row mask costs more than it saves on wide trees).
+_FOLD_MAX_ROWS = 256
+
+
 def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None):
     """CPU kernel: gather each request's keys once, one fused attention call for all of them.
 
     Every request's keys are laid out as ``[its prefix 0..Lp) | its N tree nodes]`` (``Lp`` = the
     longest prefix; a shorter prefix is masked and its tail zeroed), gathered from the paged cache
-    with one ``index_select`` per cache. The GQA group is folded into the query rows (``[B, Hkv,
-    N * G, D]``), so K and V are never repeated per query head, and PyTorch's fused CPU attention
-    (``scaled_dot_product_attention``: blocked, fp32 accumulation and softmax) runs with an
-    additive mask that is non-zero only on the tree columns. Equal to ``tree_attention_ref`` (the
-    fp32 oracle) within the dtype's tolerance, with the same rules for garbage: non-finite K / V
-    in tree slots a row does not see cannot reach it (zeroed, and only the rows that see them get
-    NaN); a row that sees no key gets 0. Bad lengths or block ids (value checks off) are clamped
-    as in the Triton kernel.
+    with one ``index_select`` per cache. K and V are never repeated per query head: small trees
+    fold the GQA group into the query rows (``[B, Hkv, N * G, D]``), wide ones use SDPA's GQA.
+    PyTorch's fused CPU attention (``scaled_dot_product_attention``: blocked, fp32 accumulation
+    and softmax) runs with an additive mask that is non-zero only on the tree columns. Equal to
+    ``tree_attention_ref`` (the fp32 oracle) within the dtype's tolerance, with the same rules
+    for garbage: non-finite K / V in tree slots a row does not see cannot reach it (zeroed, and
+    only the rows that see them get NaN); a row that sees no key gets 0. Bad lengths or block ids
+    (value checks off) are clamped as in the Triton kernel.
     """
     if q.device.type != "cpu":  # LORAMIX_BACKEND=reference on CUDA tensors (a debugging aid)
         return tree_attention_ref(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
@@ -379,7 +384,11 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     hidden = (tree_mask[..., None] & _BITS).view(B, N, -1)[..., :N].eq(0)  # [B, N, N]: not seen
     if not in_range:
         hidden |= ~tvalid[:, None, :]
-    mask = torch.zeros(B, N, G, L, dtype=q.dtype)
+    # Small trees fold the GQA group into the query rows (one [N * G, L] problem per KV head:
+    # bigger blocks for SDPA, no mask broadcast needed since the mask is materialised per row);
+    # wide trees keep [N, L] per query head with SDPA's own GQA and a mask broadcast over heads.
+    fold = M <= _FOLD_MAX_ROWS
+    mask = torch.zeros(B, N, G if fold else 1, L, dtype=q.dtype)
     mask[..., Lp:].masked_fill_(hidden[:, :, None, :], float("-inf"))
     if pmin < Lp:  # shorter prefixes: mask (and zero, against 0 * NaN) their tail of [0, Lp)
         for b in (prefix < Lp).nonzero().flatten().tolist():
@@ -397,18 +406,24 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
         kt.masked_fill_(~fin, 0)
         vt.masked_fill_(~fin, 0)
         garbage = ~fin.all(-1)  # [B, N, Hkv]: tree slot j of KV head h holds NaN / inf
-        poisoned = (~hidden[:, None, :, :] & garbage.permute(0, 2, 1)[:, :, None, :]).any(-1)
-    qf = q.view(B, N, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, M, D)
-    o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask.view(B, 1, M, L), scale=scale)
-    o5 = o.view(B, Hkv, N, G, D)
+        poisoned = (~hidden[:, :, None, :] & garbage.permute(0, 2, 1)[:, None, :, :]).any(-1)
+    out5 = out.view(B, N, Hkv, G, D)
+    if fold:
+        qf = q.view(B, N, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, M, D)
+        o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask.view(B, 1, M, L), scale=scale)
+        out5.copy_(o.view(B, Hkv, N, G, D).permute(0, 2, 1, 3, 4))
+    else:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=mask.view(B, 1, N, L),
+                                           scale=scale, enable_gqa=G > 1)
+        out.copy_(o.transpose(1, 2))
     if pmin == 0:  # a row with no prefix and no visible tree node sees nothing: 0, not NaN
         dead = hidden.all(-1) & (prefix == 0)[:, None]
         if bool(dead.any()):
-            o5.masked_fill_(dead[:, None, :, None, None], 0)
-    if poisoned is not None:  # [B, Hkv, N]: the row sees a garbage slot of this KV head
-        o5.masked_fill_(poisoned[..., None, None], float("nan"))
-    out.view(B, N, Hkv, G, D).copy_(o5.permute(0, 2, 1, 3, 4))
+            out.masked_fill_(dead[:, :, None, None], 0)
+    if poisoned is not None:  # [B, N, Hkv]: the row sees a garbage slot of this KV head
+        out5.masked_fill_(poisoned[..., None, None], float("nan"))
     return out
 
 
