@@ -122,12 +122,12 @@ def scenarios():
             kc = torch.zeros(B * blocks, block, Hkv, D, dtype=dt)
             bt = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
             lens = torch.full((B,), blocks * block, dtype=torch.int32)
-            mask, _, _, _ = tr.build_tree_forward(torch.arange(-1, N - 1).repeat(B, 1))
-            tr.tree_attention_forward(q, kc, kc, bt, lens, mask, 0.1, num_splits=num_splits)
+            mask, _, _, _ = tr.build_tree_triton(torch.arange(-1, N - 1).repeat(B, 1))
+            tr.tree_attention_triton(q, kc, kc, bt, lens, mask, 0.1, num_splits=num_splits)
         return go
 
     def build(N):
-        return lambda: tr.build_tree_forward(torch.arange(-1, N - 1).repeat(2, 1))
+        return lambda: tr.build_tree_triton(torch.arange(-1, N - 1).repeat(2, 1))
 
     tree = [build(n) for n in (16, 64, 256)]
     for D in (64, 128, 256):

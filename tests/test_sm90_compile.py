@@ -19,7 +19,7 @@ EXPECTED = {
     "routing": {"_route_topk_kernel"},
     "lm_head": {"_lm_head_topk_partial_kernel", "_lm_head_topk_merge_kernel", "_kv_write_kernel",
                 "_compact_kv_layers_kernel"},
-    "tree": {"_build_tree_kernel", "_tree_attn_fwd_kernel", "_tree_attn_merge_kernel"},
+    "tree": {"_build_tree_kernel", "_tree_attention_kernel", "_tree_attention_merge_kernel"},
     "verify": {"_verify_greedy_kernel", "_verify_sampling_kernel", "_match_branch_kernel",
                "_separate_recover_kernel", "_separate_accept_kernel", "_compact_kv_kernel"},
 }

@@ -1,11 +1,16 @@
-"""build_tree and tree_attention: reference against independent float64 / pure-Python oracles,
-Triton kernels (GPU, or CPU under the interpreter) against the reference, opcheck, bad input.
+"""build_tree and tree_attention: the reference and the fast CPU kernel against independent
+float64 / pure-Python oracles, the Triton kernels (GPU, or CPU under the interpreter) against them,
+the family's specific fixes (issues 8 / 9), bad input. ``sample_inputs`` feeds
+tests/test_contract.py (opcheck, torch.compile, strided views of every argument); the table of bad
+and edge inputs is tests/test_tree_adversarial.py.
 
 Interpreter budget: most attention cases use D in {16, 32}, short prefixes and few heads; D = 128
 and 256 appear with tiny prefixes only.
 """
 
+import ast
 import contextlib
+import inspect
 import math
 import random
 
@@ -14,12 +19,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramix_kernels import _backend
+from loramix_kernels import _backend, build_tree, tree_attention
 from loramix_kernels.ops import tree as T
-from loramix_kernels.reference import tree as R
+from loramix_kernels.reference.tree import build_tree_ref, tree_attention_ref
 
-from tests.common import HAS_CUDA, TOL, TRITON_DEVICE, backends, reference_path, requires_cuda, \
-    requires_triton, triton_path
+from tests.common import HAS_CUDA, TRITON_DEVICE, assert_close, backends, reference_path, \
+    requires_cuda, requires_triton, strided, to_device, triton_path, value_checks_off
 
 # --------------------------------------------------------------------------------------------------
 # Trees and oracles
@@ -94,7 +99,7 @@ def make_attention_case(B, N, Hq, Hkv, D, block_size, prefix_lens, dtype, kind="
     q = torch.randn(B, N, Hq, D, generator=g).to(dtype)
     k = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
     v = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
-    tree_mask = R.build_tree(parents)[0]
+    tree_mask = build_tree_ref(parents)[0]
     args = [q, k, v, table, seq_lens, tree_mask]
     return parents, [a.to(device) for a in args]
 
@@ -133,10 +138,27 @@ def value_checks():
         _backend.set_value_validation(old)
 
 
-def assert_close_dtype(actual, expected, dtype, scale=1.0):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(),
-                               atol=atol * scale, rtol=rtol * scale)
+def sample_inputs(device):
+    """(op name, args) pairs covering both ops: dtypes, int32 / int64 indices, N = 1 and N = 33 (two
+    mask words), GQA, prefix 0, sm_scale given and None, a node hanging from a padding node."""
+    out = [
+        ("build_tree", (make_parents(2, 7, "random", seed=1, dtype=torch.int32).to(device),)),
+        ("build_tree", (make_parents(3, 33, "padded", seed=2).to(device),)),
+        ("build_tree", (torch.tensor([[-1]], device=device),)),
+        ("build_tree", (torch.tensor([[-1, 0, -1, 2, 3]], device=device),)),
+    ]
+    dtypes = [torch.float16, torch.bfloat16] + ([torch.float32] if device == "cpu" else [])
+    for i, dtype in enumerate(dtypes):
+        _, args = make_attention_case(2, 5, 4, 2, 16, 16, [3, 18], dtype, "random", seed=i,
+                                      device=device)
+        out.append(("tree_attention", (*args, 0.25)))
+    _, args = make_attention_case(2, 33, 4, 1, 16, 32, [0, 9], dtypes[0], "padded", seed=5,
+                                  device=device)
+    args[3], args[4] = args[3].long(), args[4].long()
+    out.append(("tree_attention", (*args, None)))
+    _, args = make_attention_case(1, 1, 2, 2, 32, 16, [0], dtypes[-1], "chain", device=device)
+    out.append(("tree_attention", (*args, 0.5)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +173,7 @@ def test_build_tree_matches_oracle(backend, device, ctx, kind, N):
     parents = make_parents(3, N, kind, seed=N)
     expected, _ = oracle_tree(parents)
     with ctx():
-        got = T.build_tree(parents.to(device))
+        got = build_tree(parents.to(device))
     for name, g, e in zip(["tree_mask", "depth", "first_child", "next_sibling"], got, expected):
         assert g.dtype == torch.int32, name
         assert torch.equal(g.cpu(), e), name
@@ -161,7 +183,7 @@ def test_build_tree_matches_oracle(backend, device, ctx, kind, N):
 def test_build_tree_small_example_and_int32(backend, device, ctx):
     parents = torch.tensor([[-1, 0, 0, 1, -1, 3]], dtype=torch.int32, device=device)
     with ctx():
-        mask, depth, first, nsib = T.build_tree(parents)
+        mask, depth, first, nsib = build_tree(parents)
     # node 4 is padding: sees only itself, depth 0, nobody's child.
     assert mask[0, :, 0].tolist() == [0b1, 0b11, 0b101, 0b1011, 0b10000, 0b101011]
     assert depth.tolist() == [[0, 1, 1, 2, 0, 3]]
@@ -180,56 +202,79 @@ def test_build_tree_hypothesis(data):
     parents = torch.tensor(rows, dtype=torch.int64)
     expected, _ = oracle_tree(parents)
     with reference_path():
-        ref = T.build_tree(parents)
+        ref = build_tree(parents)
     with triton_path():
-        got = T.build_tree(parents.to(TRITON_DEVICE))
+        got = build_tree(parents.to(TRITON_DEVICE))
     for g, r, e in zip(got, ref, expected):
         assert torch.equal(r, e)
         assert torch.equal(g.cpu(), e)
 
 
 @requires_triton
-def test_build_tree_kernel_sanitises_bad_parents(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_build_tree_kernel_sanitises_bad_parents(dtype):
     """With value checks off (as on CUDA), bad parents act as -1 and nothing is read out of
-    bounds: the kernel's output equals the reference on the sanitised parents."""
-    parents = torch.tensor([[-1, 5, 0, 3, -7, 2, 100, 1], [4, 0, 1, 1, 2, 9, 0, -1]])
+    bounds: the kernel's output equals the oracle on the sanitised parents."""
+    parents = torch.tensor([[-1, 5, 0, 3, -7, 2, 100, 1], [4, 0, 1, 1, 2, 9, 0, -1]], dtype=dtype)
     clean = torch.where((parents >= 0) & (parents < torch.arange(8)), parents, -1)
     expected, _ = oracle_tree(clean)
-    monkeypatch.setattr(_backend, "check_values", lambda t: False)
-    with triton_path():
-        got = T.build_tree_forward(parents.to(TRITON_DEVICE))
+    with triton_path(), value_checks_off():
+        got = build_tree(parents.to(TRITON_DEVICE))
     for g, e in zip(got, expected):
         assert torch.equal(g.cpu(), e)
 
 
 @pytest.mark.parametrize("backend, device, ctx", backends())
-@pytest.mark.parametrize("parents, exc, match", [
-    ([[-1, 1, 0]], ValueError, r"parents.*\[0, 1\] = 1 must be -1 or lie in \[0, 1\)"),
-    ([[-1, 0, 3, 1]], ValueError, r"parents.*\[0, 2\] = 3"),
-    ([[-1, 0], [0, 0]], ValueError, r"parents.*\[1, 0\] = 0"),
-    ([[-1, -2]], ValueError, r"parents.*= -2"),
+def test_build_tree_int64_parents_do_not_wrap(backend, device, ctx):
+    """Issue 9.6: 2^32 + 1 (and -2^32 + 1) are not parent 1. With value checks off they count as
+    -1 (no parent) on both paths; the Triton kernel used to narrow them to int32 first
+    (parent 1)."""
+    parents = torch.tensor([[-1, 0, 2**32 + 1, -(2**32) + 1, 1]], dtype=torch.int64)
+    expected, _ = oracle_tree(torch.tensor([[-1, 0, -1, -1, 1]]))
+    with ctx(), value_checks_off():
+        got = build_tree(parents.to(device))
+    for name, g, e in zip(["tree_mask", "depth", "first_child", "next_sibling"], got, expected):
+        assert torch.equal(g.cpu(), e), name
+    with ctx(), value_checks(), pytest.raises(ValueError, match=r"build_tree: parents .*\[0, 2\] = "
+                                               r"4294967297"):
+        build_tree(parents.to(device))
+
+
+@pytest.mark.parametrize("backend, device, ctx", backends())
+def test_build_tree_child_of_padding_node(backend, device, ctx):
+    """The one parents rule (docs/API.md): a node hanging from a padding node is accepted, and its
+    mask row holds its own ancestors as the parents array says (node 3 -> 2 (padding); 4 -> 3)."""
+    parents = torch.tensor([[-1, 0, -1, 2, 3, 1]], device=device)
+    with ctx(), value_checks():
+        mask, depth, first, nsib = build_tree(parents)
+    assert mask[0, :, 0].tolist() == [0b1, 0b11, 0b100, 0b1100, 0b11100, 0b100011]
+    assert depth.tolist() == [[0, 1, 0, 1, 2, 2]]
+    assert first.tolist() == [[1, 5, 3, 4, -1, -1]]
+    assert nsib.tolist() == [[-1, -1, -1, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("backend, device, ctx", backends())
+@pytest.mark.parametrize("parents, match", [
+    ([[-1, 1, 0]], r"parents\[0, 1\] = 1, must be -1 \(padding\) or lie in \[0, 1\)"),
+    ([[-1, 0, 3, 1]], r"parents\[0, 2\] = 3"),
+    ([[-1, 0], [0, 0]], r"parents\[1, 0\] = 0, must be -1 \(node 0 is the root\)"),
+    ([[-1, -2]], r"parents\[0, 1\] = -2"),
 ])
-def test_build_tree_bad_values(backend, device, ctx, parents, exc, match):
-    with ctx(), value_checks(), pytest.raises(exc, match=match):
-        T.build_tree(torch.tensor(parents, device=device))
+def test_build_tree_bad_values(backend, device, ctx, parents, match):
+    with ctx(), value_checks(), pytest.raises(
+            ValueError, match=r"build_tree: parents is not a tree: " + match):
+        build_tree(torch.tensor(parents, device=device))
 
 
 @pytest.mark.parametrize("backend, device, ctx", backends())
 def test_build_tree_bad_metadata(backend, device, ctx):
     with ctx():
         with pytest.raises(ValueError, match="build_tree: parents must have 2 dimensions"):
-            T.build_tree(torch.tensor([-1, 0], device=device))
+            build_tree(torch.tensor([-1, 0], device=device))
         with pytest.raises(TypeError, match="build_tree: parents must have dtype"):
-            T.build_tree(torch.tensor([[-1.0, 0.0]], device=device))
+            build_tree(torch.tensor([[-1.0, 0.0]], device=device))
         with pytest.raises(ValueError, match="build_tree: parents must have at least one node"):
-            T.build_tree(torch.zeros(2, 0, dtype=torch.int64, device=device))
-
-
-@pytest.mark.parametrize("backend, device, ctx", backends())
-def test_build_tree_opcheck(backend, device, ctx):
-    parents = make_parents(2, 37, "padded", seed=3).to(device)
-    with ctx():
-        torch.library.opcheck(torch.ops.loramix.build_tree.default, (parents,))
+            build_tree(torch.zeros(2, 0, dtype=torch.int64, device=device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,16 +288,16 @@ def test_reference_attention_matches_oracle(kind, dtype):
     parents, args = make_attention_case(3, 9, 8, 2, 16, 16, [0, 5, 40], dtype, kind, seed=1)
     scale = 0.3
     expected = oracle_attention(*args[:5], parents, scale)
-    got = R.tree_attention(*args, scale)
+    got = tree_attention_ref(*args, scale)
     assert got.dtype == dtype and got.shape == args[0].shape
-    assert_close_dtype(got, expected, dtype)
+    assert_close(got, expected, dtype)
 
 
 def test_reference_empty_row_is_zero():
     """A mask row without any bit (and no prefix) sees nothing: zeros, not NaN (as the kernel)."""
     _, args = make_attention_case(1, 3, 2, 1, 16, 16, [0], torch.float32, "chain")
     args[5] = torch.tensor([[[0b1], [0], [0b111]]], dtype=torch.int32)
-    out = R.tree_attention(*args, 0.5)
+    out = tree_attention_ref(*args, 0.5)
     assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
     assert torch.isfinite(out).all()
 
@@ -283,11 +328,11 @@ def test_tree_attention_triton_vs_reference(B, N, Hq, Hkv, D, block_size, prefix
                                   seed=N + D, device=TRITON_DEVICE)
     scale = 1.0 / math.sqrt(D)
     with reference_path():
-        expected = T.tree_attention(*[a.cpu() for a in args], sm_scale=scale)
+        expected = tree_attention(*[a.cpu() for a in args], sm_scale=scale)
     with triton_path():
-        got = T.tree_attention(*args, sm_scale=scale)
+        got = tree_attention(*args, sm_scale=scale)
     assert got.dtype == dtype and got.shape == args[0].shape
-    assert_close_dtype(got, expected, dtype)
+    assert_close(got, expected, dtype)
 
 
 @requires_triton
@@ -300,8 +345,8 @@ def test_tree_attention_split_kv_merge(num_splits, dtype):
                                         seed=7, device=TRITON_DEVICE)
     expected = oracle_attention(*[a.cpu() for a in args[:5]], parents, 0.2)
     with triton_path():
-        got = T.tree_attention_forward(*args, 0.2, num_splits=num_splits)
-    assert_close_dtype(got, expected, dtype)
+        got = T.tree_attention_triton(*args, 0.2, num_splits=num_splits)
+    assert_close(got, expected, dtype)
 
 
 @requires_triton
@@ -315,8 +360,8 @@ def test_tree_attention_heuristic_splits_on_long_prefix():
                                         seed=2, device=TRITON_DEVICE)
     expected = oracle_attention(*[a.cpu() for a in args[:5]], parents, 0.25)
     with triton_path():
-        got = T.tree_attention(*args, sm_scale=0.25)
-    assert_close_dtype(got, expected, torch.float16)
+        got = tree_attention(*args, sm_scale=0.25)
+    assert_close(got, expected, torch.float16)
 
 
 @requires_triton
@@ -327,8 +372,8 @@ def test_tree_attention_large_head_dims(D, Hq, Hkv, num_splits):
                                         seed=D, device=TRITON_DEVICE)
     expected = oracle_attention(*[a.cpu() for a in args[:5]], parents, 1 / math.sqrt(D))
     with triton_path():
-        got = T.tree_attention_forward(*args, 1 / math.sqrt(D), num_splits=num_splits)
-    assert_close_dtype(got, expected, torch.bfloat16)
+        got = T.tree_attention_triton(*args, 1 / math.sqrt(D), num_splits=num_splits)
+    assert_close(got, expected, torch.bfloat16)
 
 
 @requires_triton
@@ -346,8 +391,8 @@ def test_tree_attention_noncontiguous_inputs():
     assert not q_nc.is_contiguous() and not table_nc.is_contiguous() and lens_nc.stride(0) == 2
     expected = oracle_attention(q.cpu(), k.cpu(), v.cpu(), table.cpu(), lens.cpu(), parents, 0.3)
     with triton_path():
-        got = T.tree_attention(q_nc, k, v, table_nc, lens_nc, mask, sm_scale=0.3)
-    assert_close_dtype(got, expected, torch.float16)
+        got = tree_attention(q_nc, k, v, table_nc, lens_nc, mask, sm_scale=0.3)
+    assert_close(got, expected, torch.float16)
 
 
 @requires_triton
@@ -359,8 +404,8 @@ def test_tree_attention_int64_indices_and_big_group():
     expected = oracle_attention(*[a.cpu() for a in args[:5]], parents, 0.125)
     with triton_path():
         for splits in (None, 3):
-            got = T.tree_attention_forward(*args, 0.125, num_splits=splits)
-            assert_close_dtype(got, expected, torch.float16)
+            got = T.tree_attention_triton(*args, 0.125, num_splits=splits)
+            assert_close(got, expected, torch.float16)
 
 
 @requires_triton
@@ -375,11 +420,11 @@ def test_tree_attention_arbitrary_mask_bits(num_splits):
     mask[0, :5] = 0  # no visible key at all for these rows of request 0
     args[5] = mask.to(torch.int32).to(TRITON_DEVICE)
     with reference_path():
-        expected = T.tree_attention(*[a.cpu() for a in args], sm_scale=0.3)
+        expected = tree_attention(*[a.cpu() for a in args], sm_scale=0.3)
     with triton_path():
-        got = T.tree_attention_forward(*args, 0.3, num_splits=num_splits)
+        got = T.tree_attention_triton(*args, 0.3, num_splits=num_splits)
     assert torch.equal(got[0, :5].cpu(), torch.zeros_like(got[0, :5].cpu()))
-    assert_close_dtype(got, expected, torch.float16)
+    assert_close(got, expected, torch.float16)
 
 
 @requires_triton
@@ -399,8 +444,8 @@ def test_tree_attention_hypothesis(data):
                                         seed=len(prefixes) + sum(prefixes), device=TRITON_DEVICE)
     expected = oracle_attention(*[a.cpu() for a in args[:5]], parents, 0.25)
     with triton_path():
-        got = T.tree_attention_forward(*args, 0.25, num_splits=splits)
-    assert_close_dtype(got, expected, dtype)
+        got = T.tree_attention_triton(*args, 0.25, num_splits=splits)
+    assert_close(got, expected, dtype)
 
 
 @requires_triton
@@ -411,14 +456,15 @@ def test_tree_attention_fp32_interpreter():
                                         seed=11, device=TRITON_DEVICE)
     expected = oracle_attention(*args[:5], parents, 0.4)
     with triton_path():
-        got = T.tree_attention(*args, sm_scale=0.4)
-    assert_close_dtype(got, expected, torch.float32)
+        got = tree_attention(*args, sm_scale=0.4)
+    assert_close(got, expected, torch.float32)
 
 
 @requires_triton
-def test_tree_attention_kernel_survives_bad_values(monkeypatch):
+def test_tree_attention_kernel_survives_bad_values():
     """With value checks off (as on CUDA): seq_lens shorter than N or longer than the table, and
-    block ids out of range are clamped in the kernel: no crash, finite output."""
+    block ids out of range are clamped in the kernel: no crash, and the result equals the
+    reference's (which applies the same clamping)."""
     _, args = make_attention_case(3, 4, 2, 1, 16, 16, [10, 20, 5], torch.float16, "random",
                                   device=TRITON_DEVICE)
     q, k, v, table, lens, mask = args
@@ -426,37 +472,274 @@ def test_tree_attention_kernel_survives_bad_values(monkeypatch):
     table[0, 0] = 10_000
     table[1, 0] = -5
     lens = torch.tensor([2, 10_000, 9], dtype=torch.int32, device=lens.device)
-    monkeypatch.setattr(_backend, "check_values", lambda t: False)
-    with triton_path():
-        for splits in (1, 3):
-            out = T.tree_attention_forward(q, k, v, table, lens, mask, 0.3, num_splits=splits)
-            assert torch.isfinite(out.float()).all()
+    bad = to_device([q, k, v, table, lens, mask], "cpu")
+    with value_checks_off():
+        expected = tree_attention_ref(*bad, 0.3)
+        with reference_path():
+            cpu = tree_attention(*bad, sm_scale=0.3)
+        assert_close(cpu, expected, torch.float16)
+        with triton_path():
+            for splits in (1, 3):
+                out = T.tree_attention_triton(q, k, v, table, lens, mask, 0.3, num_splits=splits)
+                assert torch.isfinite(out.float()).all()
+                assert_close(out, expected, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------------
-# Registration: opcheck, compile, bad input
+# The fast CPU kernel against the float64 oracle and the reference
 # --------------------------------------------------------------------------------------------------
+
+# (B, N, Hq, Hkv, D, block_size, prefix_lens, kind)
+CPU_CASES = [
+    pytest.param(1, 1, 4, 4, 16, 16, [0], "chain", id="N1-prefix0"),
+    pytest.param(2, 1, 8, 1, 32, 16, [23, 70], "chain", id="N1-gqa8-mixed"),
+    pytest.param(3, 7, 4, 1, 32, 16, [0, 17, 64], "random", id="N7-gqa4-prefix0-mixed"),
+    pytest.param(2, 7, 2, 2, 16, 48, [5, 100], "star", id="N7-star-bs48"),
+    pytest.param(4, 8, 8, 2, 64, 16, [128, 128, 128, 128], "random", id="decode-equal-prefix"),
+    pytest.param(2, 33, 4, 1, 16, 32, [0, 50], "padded", id="N33-padded-words2"),
+    pytest.param(2, 64, 16, 4, 80, 16, [130, 1], "random", id="N64-D80"),
+    pytest.param(1, 16, 32, 8, 128, 256, [700], "random", id="long-prefix-one-block"),
+]
+
+
+@pytest.fixture(params=["folded", "per-head"])
+def cpu_layout(request, monkeypatch):
+    """Both layouts of the CPU kernel: GQA group folded into the query rows (small trees), or
+    one [N, L] problem per query head with SDPA's GQA (wide trees)."""
+    monkeypatch.setattr(T, "_FOLD_MAX_ROWS", 10**9 if request.param == "folded" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("B, N, Hq, Hkv, D, block_size, prefix_lens, kind", CPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_kernel_matches_oracle(B, N, Hq, Hkv, D, block_size, prefix_lens, kind, dtype,
+                                   cpu_layout):
+    """``tree_attention_cpu`` (the fused CPU path) against the float64 oracle that walks the
+    parents, and against the fp32 reference."""
+    parents, args = make_attention_case(B, N, Hq, Hkv, D, block_size, prefix_lens, dtype, kind,
+                                        seed=N + D)
+    scale = 1.0 / math.sqrt(D)
+    expected = oracle_attention(*args[:5], parents, scale)
+    with reference_path():
+        got = tree_attention(*args)  # sm_scale None: 1 / sqrt(D)
+    assert got.dtype == dtype and got.shape == args[0].shape and got.is_contiguous()
+    assert_close(got, expected, dtype)
+    assert_close(got, tree_attention_ref(*args, scale).double(), dtype)
+
+
+def test_cpu_kernel_arbitrary_mask_bits_and_dead_rows(cpu_layout):
+    """Any int32 mask (sign bit, bits past N, rows without their diagonal) decodes like the
+    reference; rows that see nothing (prefix 0, no bit) give zeros, not NaN."""
+    g = torch.Generator().manual_seed(4)
+    _, args = make_attention_case(3, 33, 4, 2, 16, 16, [0, 20, 0], torch.float32, "random")
+    mask = torch.randint(-2**31, 2**31, (3, 33, 2), generator=g, dtype=torch.int64)
+    mask[0, :5] = 0
+    args[5] = mask.to(torch.int32)
+    got = T.tree_attention_cpu(*args, 0.3)
+    assert torch.equal(got[0, :5], torch.zeros_like(got[0, :5]))
+    assert_close(got, tree_attention_ref(*args, 0.3).double(), torch.float32)
+
+
+@given(st.data())
+def test_cpu_kernel_hypothesis(data):
+    B = data.draw(st.integers(1, 4), label="B")
+    N = data.draw(st.sampled_from([1, 2, 5, 16, 33]), label="N")
+    Hkv = data.draw(st.sampled_from([1, 2, 3]), label="Hkv")
+    G = data.draw(st.sampled_from([1, 4, 8]), label="G")
+    D = data.draw(st.sampled_from([16, 40, 64]), label="D")
+    bs = data.draw(st.sampled_from([16, 32, 24]), label="block_size")
+    prefixes = data.draw(st.lists(st.integers(0, 90), min_size=B, max_size=B), label="prefix")
+    kind = data.draw(st.sampled_from(["chain", "star", "random", "padded"]), label="kind")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    parents, args = make_attention_case(B, N, G * Hkv, Hkv, D, bs, prefixes, dtype, kind,
+                                        seed=len(prefixes) + sum(prefixes))
+    expected = oracle_attention(*args[:5], parents, 0.25)
+    assert_close(T.tree_attention_cpu(*args, 0.25), expected, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 9 fixes, each on both paths
+# --------------------------------------------------------------------------------------------------
+
+
+def _garbage_in_unseen_slots(dtype, device, what=("k", "v"), value=float("nan")):
+    """A padded tree over a ``torch.empty``-like cache: NaN / inf in every slot nobody may read
+    (past each length, blocks nobody owns) and in the padding nodes' own tree slots (seen only by
+    the padding node itself). Returns (parents, args, rows that see garbage [B, N] bool)."""
+    parents = torch.tensor([[-1, 0, -1, 1, 0, -1, 3], [-1, -1, 0, 2, -1, 0, 5]])
+    B, N = parents.shape
+    _, args = make_attention_case(B, N, 4, 2, 16, 16, [5, 20], dtype, "chain", seed=3)
+    q, k, v, table, lens, _ = args
+    args[5] = build_tree_ref(parents)[0]
+    bs = k.shape[1]
+    for name in what:
+        cache = k if name == "k" else v
+        owned = torch.zeros(cache.shape[0] * bs, dtype=torch.bool)
+        for b in range(B):
+            for t in range(int(lens[b])):
+                owned[int(table[b, t // bs]) * bs + t % bs] = True
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[~owned] = value
+        for b in range(B):
+            for j in range(N):
+                if int(parents[b, j]) == -1 and j > 0:
+                    t = int(lens[b]) - N + j
+                    flat[int(table[b, t // bs]) * bs + t % bs] = value
+    sees = torch.zeros(B, N, dtype=torch.bool)
+    _, anc = oracle_tree(parents)
+    for b in range(B):
+        for i in range(N):
+            sees[b, i] = any(j > 0 and int(parents[b, j]) == -1 for j in anc[b][i])
+    return parents, to_device(args, device), sees
+
+
+@pytest.mark.parametrize("what, value", [(("v",), float("inf")), (("k", "v"), float("nan")),
+                                         (("k",), float("-inf"))])
+def test_cpu_kernel_unseen_garbage_both_layouts(what, value, cpu_layout):
+    """Issue 9.3 on both layouts of the CPU kernel (as in
+    test_unseen_garbage_does_not_reach_a_node)."""
+    parents, args, sees = _garbage_in_unseen_slots(torch.float32, "cpu", what, value)
+    expected = oracle_attention(*args[:5], parents, 0.3)
+    got = T.tree_attention_cpu(*args, 0.3)
+    assert_close(got[~sees], expected[~sees], torch.float32)
+    assert not torch.isfinite(got[sees]).all(-1).all(-1).any()
 
 
 @pytest.mark.parametrize("backend, device, ctx", backends())
-def test_tree_attention_opcheck(backend, device, ctx):
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    _, args = make_attention_case(2, 5, 4, 2, 16, 16, [3, 18], dtype, "random", device=device)
+@pytest.mark.parametrize("what, value", [(("v",), float("inf")), (("v",), float("nan")),
+                                         (("k", "v"), float("nan")), (("k",), float("-inf"))])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_unseen_garbage_does_not_reach_a_node(backend, device, ctx, what, value, splits):
+    """Issue 9.3: a NaN / inf V (or K) at a position a node must not see leaves its output
+    untouched (masked probability 0 times inf was NaN on both paths); a node that does see
+    garbage (a padding node, its own never-written slot) gets a non-finite output."""
+    if splits is not None and backend != "triton":
+        pytest.skip("num_splits is a Triton launcher knob")
+    dtype = torch.float16 if device != "cpu" or backend == "triton" else torch.float32
+    parents, args, sees = _garbage_in_unseen_slots(dtype, device, what, value)
+    expected = oracle_attention(*to_device(args[:5], "cpu"), parents, 0.3)
+    with ctx(), value_checks_off():
+        if splits is None:
+            got = tree_attention(*args, sm_scale=0.3)
+        else:
+            got = T.tree_attention_triton(*args, 0.3, num_splits=splits)
+    got = got.cpu()
+    assert_close(got[~sees], expected[~sees], dtype)
+    if "v" in what:  # a NaN K at a seen slot may also come out as garbage: only V is promised
+        assert not torch.isfinite(got[sees].float()).all(-1).all(-1).any()
+    with reference_path():
+        ref = tree_attention_ref(*to_device(args, "cpu"), 0.3)
+    assert_close(ref[~sees], expected[~sees], dtype)
+
+
+@pytest.mark.parametrize("backend, device, ctx", backends())
+def test_int64_seq_lens_do_not_wrap(backend, device, ctx):
+    """Issue 9.6: an int64 seq_lens of 2^32 + 10 is a length past the block table (rejected by
+    the value checks; clamped to the table, as the reference does, with them off), not 10."""
+    _, args = make_attention_case(2, 4, 2, 1, 16, 16, [6, 20], torch.float16, "random", seed=8)
+    args[4] = torch.tensor([2**32 + 10, 24], dtype=torch.int64)
+    with value_checks_off():
+        expected = tree_attention_ref(*args, 0.3)
+    wrapped = args[:4] + [torch.tensor([10, 24])] + args[5:]
+    assert not torch.allclose(expected[0].float(), tree_attention_ref(*wrapped, 0.3)[0].float())
+    args = to_device(args, device)
+    with ctx(), value_checks_off():
+        got = tree_attention(*args, sm_scale=0.3)
+    assert_close(got, expected, torch.float16)
+    with ctx(), value_checks(), pytest.raises(ValueError, match=r"tree_attention: block_table is "
+                                               r"too short: .* seq_lens\[0\] = 4294967306"):
+        tree_attention(*args, sm_scale=0.3)
+
+
+@pytest.mark.parametrize("backend, device, ctx", backends())
+@pytest.mark.parametrize("Hq", [4, 0])
+def test_empty_batch(backend, device, ctx, Hq):
+    """Issue 9.7: B = 0 (and Hq = 0) return an empty [B, N, Hq, D] tensor on both paths (the CPU
+    path raised a reshape error)."""
+    B = 0 if Hq else 2
+    q = torch.randn(B, 3, Hq, 16, device=device, dtype=torch.float16)
+    k = torch.randn(4, 16, 2 if Hq else 1, 16, device=device, dtype=torch.float16)
+    table = torch.zeros(B, 2, dtype=torch.int32, device=device)
+    lens = torch.full((B,), 5, dtype=torch.int32, device=device)
+    mask = torch.ones(B, 3, 1, dtype=torch.int32, device=device)
     with ctx():
-        torch.library.opcheck(torch.ops.loramix.tree_attention.default, (*args, 0.25))
+        out = tree_attention(q, k, k, table, lens, mask)
+        assert out.shape == (B, 3, Hq, 16) and out.dtype == torch.float16
+        tree = build_tree(torch.zeros(0, 5, dtype=torch.int64, device=device))
+        assert [tuple(t.shape) for t in tree] == [(0, 5, 1), (0, 5), (0, 5), (0, 5)]
 
 
 @pytest.mark.parametrize("backend, device, ctx", backends())
-def test_compile_fullgraph(backend, device, ctx):
+def test_strided_views_of_every_argument(backend, device, ctx):
+    """Both kernels honour the strides of every tensor argument, 1-D seq_lens included (each
+    view holds its values in every other element, so an ignored stride reads the wrong one)."""
+    dtype = torch.float32 if backend == "reference" else torch.float16
+    parents, args = make_attention_case(2, 7, 4, 2, 16, 16, [12, 33], dtype, "padded", seed=5,
+                                        device=device)
+    expected = oracle_attention(*to_device(args[:5], "cpu"), parents, 0.3)
+    views = strided(args)
+    assert all(not t.is_contiguous() for t in views)
+    pview = strided(parents.to(device))
+    with ctx():
+        got = tree_attention(*views, sm_scale=0.3)
+        tree = build_tree(pview)
+    assert_close(got, expected, dtype)
+    for g, e in zip(tree, oracle_tree(parents)[0]):
+        assert torch.equal(g.cpu(), e)
+
+
+@pytest.mark.parametrize("backend, device, ctx", backends())
+def test_raw_op_accepts_sm_scale_none(backend, device, ctx):
+    """The schema says ``float? sm_scale=None``: the raw op accepts what the wrapper accepts."""
+    _, args = make_attention_case(1, 3, 2, 1, 16, 16, [4], torch.float16, "chain", device=device)
+    with ctx():
+        default = torch.ops.loramix.tree_attention(*args)
+        none = torch.ops.loramix.tree_attention(*args, None)
+        explicit = torch.ops.loramix.tree_attention(*args, 0.25)
+    assert torch.equal(default, none) and torch.equal(none, explicit)
+
+
+@pytest.mark.parametrize("backend, device, ctx", backends())
+def test_validation_runs_once_per_call(backend, device, ctx, monkeypatch):
+    """One validation per call (issue 8): the value checks of each op run exactly once."""
+    calls = []
+    for name in ("check_parents", "_check_tree_attention_values"):
+        real = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda *a, _real=real, _n=name: (calls.append(_n), _real(*a)))
+    parents, args = make_attention_case(2, 5, 4, 2, 16, 16, [3, 18], torch.float16, "random",
+                                        device=device)
+    with ctx(), value_checks():
+        build_tree(parents.to(device))
+        tree_attention(*args)
+    assert calls == ["check_parents", "_check_tree_attention_values"]
+
+
+def test_ops_module_imports_without_triton():
+    """ops/tree.py imports triton and the jit kernels lazily, inside the launchers only."""
+    tree = ast.parse(inspect.getsource(T))
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            assert not any("triton" in n or "kernels" in n for n in names), ast.dump(node)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration: compile, bad input
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, device, ctx", backends())
+def test_compile_build_then_attend(backend, device, ctx):
+    """The usual pipeline, build_tree -> tree_attention, in one fullgraph inductor graph."""
     dtype = torch.float32 if device == "cpu" else torch.float16
     _, args = make_attention_case(2, 5, 4, 2, 16, 16, [3, 18], dtype, "random", device=device)
     parents = make_parents(2, 5, "random").to(device)
 
     def step(parents, q, k, v, table, lens):
-        mask = T.build_tree(parents)[0]
-        return T.tree_attention(q, k, v, table, lens, mask, sm_scale=0.25)
+        mask = build_tree(parents)[0]
+        return tree_attention(q, k, v, table, lens, mask, sm_scale=0.25)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     with ctx():
         expected = step(parents, *args[:5])
         got = compiled(parents, *args[:5])
@@ -472,7 +755,8 @@ def _bad(args, i, value):
 BAD_ATTENTION = [
     (lambda a: _bad(a, 0, a[0][0]), ValueError, r"tree_attention: q must have 4 dimensions"),
     (lambda a: _bad(a, 0, a[0].int()), TypeError, r"tree_attention: q must have dtype"),
-    (lambda a: _bad(a, 1, a[1].double()), TypeError, r"tree_attention: k_cache must have q's dtype"),
+    (lambda a: _bad(a, 1, a[1].double()), TypeError,
+     r"tree_attention: k_cache must have q's dtype"),
     (lambda a: _bad(a, 2, a[2][:, :8]), ValueError, r"tree_attention: v_cache must have shape"),
     (lambda a: _bad(a, 1, a[1][..., :8]), ValueError, r"tree_attention: k_cache head dim"),
     (lambda a: _bad(_bad(a, 1, a[1][:, :, :1].expand(-1, -1, 3, -1)), 2,
@@ -490,6 +774,8 @@ BAD_ATTENTION = [
     (lambda a: _bad(a, 3, torch.tensor([[99, 0, -1], [1, 2, 3]], dtype=torch.int32)), ValueError,
      r"tree_attention: block_table \[0, 0\] = 99 must lie in"),
     (lambda a: a[:6] + [float("nan")], ValueError, r"tree_attention: sm_scale must be a finite"),
+    (lambda a: _bad(a, 4, torch.tensor([2**32 + 8, 23])), ValueError,
+     r"tree_attention: block_table is too short: row 0"),
 ]
 
 
@@ -515,20 +801,20 @@ def test_tree_attention_cuda_graph_no_sync():
     parents, args = make_attention_case(4, 16, 8, 2, 64, 16, [0, 100, 700, 2000], torch.bfloat16,
                                         "random", device="cuda")
     parents = parents.cuda()
-    T.tree_attention(*args, sm_scale=0.125)  # compile outside capture
-    T.build_tree(parents)
+    tree_attention(*args, sm_scale=0.125)  # compile outside capture
+    build_tree(parents)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        T.build_tree(parents)
-        T.tree_attention(*args, sm_scale=0.125)
+        build_tree(parents)
+        tree_attention(*args, sm_scale=0.125)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        mask = T.build_tree(parents)[0]
-        out = T.tree_attention(args[0], *args[1:5], mask, sm_scale=0.125)
+        mask = build_tree(parents)[0]
+        out = tree_attention(args[0], *args[1:5], mask, sm_scale=0.125)
     args[0].normal_()
     graph.replay()
     expected = oracle_attention(*[a.cpu() for a in args[:5]], parents.cpu(), 0.125)
-    assert_close_dtype(out, expected, torch.bfloat16)
+    assert_close(out, expected, torch.bfloat16)

@@ -1,33 +1,45 @@
 """Benchmarks for tree_attention (draft-tree verification over a paged KV cache).
 
-Ours against (a) ``scaled_dot_product_attention`` with a dense boolean tree mask and (b) compiled
-FlexAttention with a block mask built from the tree (CUDA only), both over the KV gathered out of
-the paged cache beforehand. The gather and the GQA head expansion for SDPA (so that it may take its
-memory-efficient masked kernel) happen outside the timed call: the baselines get their best case,
-while ours reads the paged cache directly.
+Ours against (a) ``sdpa_dense``: ``scaled_dot_product_attention`` with a dense boolean tree mask
+over the KV gathered out of the paged cache and expanded to every query head BEFOREHAND (the gather,
+the mask and the GQA head expansion happen outside the timed call: SDPA's best case, while ours
+reads the paged cache), (b) ``sdpa_gather`` (CPU): the same plain-PyTorch formulation doing all its
+work per call, as a user would (gather the request's KV, boolean mask from the bitmask, SDPA with
+``enable_gqa``), and (c) compiled FlexAttention with a block mask built from the tree (CUDA only).
+On CPU the figures to read are the ratios to these baselines in the same run
+(``python -m loramix_kernels.bench.bench_tree`` prints them for 1 and 2 threads, interleaved
+repetitions, median and interquartile range).
 
 Roofline bytes = every request's cached K and V read once per KV head (prefix + the N tree nodes)
 + q + out, in bf16. Run through ``python -m loramix_kernels.bench tree [--full] [--json PATH]``,
 or as pytest-benchmark tests: ``pytest loramix_kernels/bench/bench_tree.py``.
 """
 
+import argparse
 import itertools
 import math
+import statistics
+import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import loramix_kernels  # noqa: F401
-from loramix_kernels.reference.tree import (build_tree, dense_tree_mask, flex_tree_block_mask,
+from loramix_kernels.reference.tree import (build_tree_ref, dense_tree_mask, flex_tree_block_mask,
                                             gather_kv, tree_attention_flex, tree_attention_sdpa)
 
 DTYPE = torch.bfloat16
 
 
 def cases(quick: bool):
-    if quick:
+    if quick:  # CPU: decode shapes of issue 10 (B 1..8, N 8..64, prefix 128..2048), a wide tree
         return [dict(B=2, prefix=64, N=8, Hq=4, Hkv=2, D=32, block=16),
-                dict(B=1, prefix=100, N=16, Hq=8, Hkv=2, D=64, block=16)]
+                dict(B=1, prefix=128, N=8, Hq=8, Hkv=2, D=64, block=16),
+                dict(B=8, prefix=128, N=8, Hq=32, Hkv=8, D=128, block=16),
+                dict(B=4, prefix=512, N=16, Hq=32, Hkv=8, D=128, block=16),
+                dict(B=2, prefix=2048, N=64, Hq=16, Hkv=2, D=64, block=16),
+                dict(B=1, prefix=512, N=256, Hq=16, Hkv=4, D=64, block=16)]  # prefill-ish
     return [dict(B=B, prefix=P, N=N, Hq=32, Hkv=8, D=128, block=16)
             for B, P, N in itertools.product([1, 8, 32], [1024, 8192, 32768], [16, 64])]
 
@@ -57,7 +69,7 @@ def make_inputs(case, device):
     k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=gd, device=device, dtype=DTYPE)
     v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=gd, device=device, dtype=DTYPE)
     q = torch.randn(B, N, Hq, D, generator=gd, device=device, dtype=DTYPE)
-    tree_mask = build_tree(_tree_parents(B, N, g))[0].to(device)
+    tree_mask = build_tree_ref(_tree_parents(B, N, g))[0].to(device)
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table, seq_lens=seq_lens,
                 tree_mask=tree_mask, sm_scale=1.0 / math.sqrt(D), max_len=seq_len)
 
@@ -72,12 +84,24 @@ def candidates(case, inp):
         mask = dense_tree_mask(tm, sl, N, L)
         k_exp, v_exp = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         out["sdpa_dense"] = lambda: tree_attention_sdpa(q, k_exp, v_exp, mask, scale)
+        if not q.is_cuda:
+            out["sdpa_gather"] = lambda: sdpa_gather(q, kc, vc, bt, sl, tm, scale, L)
         if q.is_cuda:  # FlexAttention needs its compiled (Triton) kernels: CUDA only here
             block_mask = flex_tree_block_mask(tm, sl, N, L)
             out["flex"] = lambda: tree_attention_flex(q, k, v, block_mask, scale)
     except torch.OutOfMemoryError as exc:
         print(f"# baselines skipped for {case}: {type(exc).__name__}")
     return out
+
+
+def sdpa_gather(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale, max_len):
+    """The plain-PyTorch formulation doing all its work per call: gather the KV once, a boolean
+    mask from the bitmask, SDPA with GQA (no repeated heads)."""
+    k, v = gather_kv(k_cache, v_cache, block_table, seq_lens, max_len)
+    mask = dense_tree_mask(tree_mask, seq_lens, q.shape[1], max_len)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None],
+                                       scale=sm_scale, enable_gqa=q.shape[2] != k.shape[1])
+    return o.transpose(1, 2)
 
 
 def traffic_bytes(case):
@@ -98,7 +122,7 @@ def _case_id(c):
 
 
 @pytest.mark.parametrize("case", cases(quick=True), ids=_case_id)
-@pytest.mark.parametrize("impl", ["loramix", "sdpa_dense"])
+@pytest.mark.parametrize("impl", ["loramix", "sdpa_dense", "sdpa_gather"])
 def test_tree_attention(benchmark, case, impl):
     inp = make_inputs(case, torch.device("cpu"))
     benchmark(candidates(case, inp)[impl])
@@ -113,3 +137,58 @@ def test_candidates_agree(case):
     assert cands, "no baseline ran"
     for name, fn in cands.items():
         torch.testing.assert_close(fn().float(), ours, atol=3e-2, rtol=3e-2, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU ratios: ours against the baselines, interleaved, 1 and 2 threads
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_ratios(threads=(1, 2), dtypes=(torch.bfloat16, torch.float32), reps=None, shapes=None):
+    """Time ours and every baseline in interleaved repetitions (so that drift and neighbours hit
+    them alike) and print, per case, the median time of each and the median and interquartile
+    range of the per-repetition ratios baseline / ours (> 1: ours is faster)."""
+    global DTYPE
+    old_threads, old_dtype = torch.get_num_threads(), DTYPE
+    print("# threads dtype case | median us per impl | ratio baseline/ours: median [q1, q3]")
+    try:
+        for th in threads:
+            torch.set_num_threads(th)
+            for case in shapes or cases(quick=True):
+                for dtype in dtypes:
+                    DTYPE = dtype
+                    inp = make_inputs(case, "cpu")
+                    fns = candidates(case, inp)
+                    work = (case["B"] * (case["prefix"] + case["N"]) * case["N"] * case["Hq"]
+                            * case["D"])
+                    n = reps or max(7, min(300, int(2e9 / work)))
+                    for fn in fns.values():  # warm-up
+                        fn(), fn()
+                    ts = {k: [] for k in fns}
+                    for _ in range(n):
+                        for k, fn in fns.items():
+                            t0 = time.perf_counter()
+                            fn()
+                            ts[k].append(time.perf_counter() - t0)
+                    med = {k: statistics.median(v) * 1e6 for k, v in ts.items()}
+                    cols = []
+                    for k in fns:
+                        if k == "loramix":
+                            continue
+                        r = sorted(b / a for a, b in zip(ts["loramix"], ts[k]))
+                        cols.append(f"{k} {statistics.median(r):.2f} [{r[len(r) // 4]:.2f}, "
+                                    f"{r[(3 * len(r)) // 4]:.2f}]")
+                    times = " ".join(f"{k}={v:.0f}" for k, v in med.items())
+                    print(f"{th} {str(dtype)[6:]} {_case_id(case)} reps={n} | {times} | "
+                          + "; ".join(cols), flush=True)
+    finally:
+        torch.set_num_threads(old_threads)
+        DTYPE = old_dtype
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=cpu_ratios.__doc__)
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default: by case size)")
+    a = p.parse_args()
+    cpu_ratios(tuple(int(t) for t in a.threads.split(",")), reps=a.reps)

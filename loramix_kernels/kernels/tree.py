@@ -43,8 +43,10 @@ def _build_tree_kernel(
     par_row = parents_ptr + b * stride_pb
     i = tl.arange(0, BLOCK_N)
     valid = i < N
-    p = tl.load(par_row + i * stride_pn, mask=valid, other=-1).to(tl.int32)
-    p = tl.where((p >= 0) & (p < i), p, -1)
+    # Range tests in the input's own width (an int64 2^32 + 1 must not wrap to parent 1); only
+    # the sanitised index, in [-1, N), is narrowed to int32.
+    p = tl.load(par_row + i * stride_pn, mask=valid, other=-1)
+    p = tl.where((p >= 0) & (p < i), p, -1).to(tl.int32)
 
     w = tl.arange(0, BLOCK_W)
     words = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
@@ -58,8 +60,8 @@ def _build_tree_kernel(
         hit = (w[None, :] == (c // 32)[:, None]) & active[:, None]
         words = words | tl.where(hit, bit[:, None], 0)
         steps += active.to(tl.int32)
-        nxt = tl.load(par_row + c.to(tl.int64) * stride_pn, mask=active, other=-1).to(tl.int32)
-        cur = tl.where(active & (nxt >= 0) & (nxt < c), nxt, -1)
+        nxt = tl.load(par_row + c.to(tl.int64) * stride_pn, mask=active, other=-1)
+        cur = tl.where(active & (nxt >= 0) & (nxt < c), nxt, -1).to(tl.int32)
 
     row_m = mask_ptr + b * stride_mb
     tl.store(row_m + i[:, None] * stride_mn + w[None, :] * stride_mw, words,
@@ -72,8 +74,8 @@ def _build_tree_kernel(
     nsib = tl.full([BLOCK_N], BIG, tl.int32)
     for j0 in range(0, N, CHUNK):
         j = j0 + tl.arange(0, CHUNK)
-        pj = tl.load(par_row + j * stride_pn, mask=j < N, other=-1).to(tl.int32)
-        pj = tl.where((pj >= 0) & (pj < j), pj, -1)
+        pj = tl.load(par_row + j * stride_pn, mask=j < N, other=-1)
+        pj = tl.where((pj >= 0) & (pj < j), pj, -1).to(tl.int32)
         # first_child[u]: the lowest j whose parent is u (pj = -1 never equals a node index).
         is_child = pj[None, :] == i[:, None]
         first = tl.minimum(first, tl.min(tl.where(is_child, j[None, :], BIG), axis=1))
@@ -92,13 +94,13 @@ def _build_tree_kernel(
 
 
 @triton.jit
-def _attend_tile(
+def _tree_attention_step(
     acc, m_i, l_i, q,
     k_head_ptr, v_head_ptr, bt_row_ptr,
     pos, kvalid, allowed,
     num_blocks, block_size, max_blocks, qk_scale, D,
     stride_btm, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, SANITIZE_V: tl.constexpr,
 ):
     """One online-softmax step over the keys at logical positions ``pos`` ``[BLOCK_KV]``.
 
@@ -106,6 +108,12 @@ def _attend_tile(
     the log2 domain (``qk_scale`` = sm_scale * log2(e)) so the kernel uses exp2. A row that has
     seen no allowed key keeps ``m_i = -inf``; its running max is then replaced by 0 before the
     exponentials, which keeps ``-inf - -inf`` (NaN) out of the arithmetic.
+
+    A disallowed key gets probability exactly 0, but ``0 * inf`` and ``0 * NaN`` are NaN inside
+    ``p @ v``. Where not every row of the tile sees every key (the tree part, ``SANITIZE_V``), the
+    non-finite entries of V are replaced by 0 before the dot and exactly the rows that do see such
+    a key get a NaN accumulator: bytes a node does not see never reach its output. (A NaN in K
+    needs nothing: its score is replaced by -inf.)
     """
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
@@ -133,16 +141,24 @@ def _attend_tile(
 
     v = tl.load(v_head_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs
                 + d[None, :] * stride_vd, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+    if SANITIZE_V:
+        bad = (v - v) != 0  # NaN or +-inf, in V's own dtype (cheap on registers)
+        v = tl.where(bad, 0.0, v).to(v.dtype)
+        # rows that see a poisoned key: acc becomes NaN and stays NaN (this is the last loop)
+        v_bad = tl.max(bad.to(tl.int32), axis=1)
+        row_bad = tl.max(tl.where(allowed, v_bad[None, :], 0), axis=1)
     if DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32))
     else:
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
+    if SANITIZE_V:
+        acc = tl.where(row_bad[:, None] != 0, float("nan"), acc)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _tree_attn_fwd_kernel(
+def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, tree_mask_ptr,
     out_ptr, o_part_ptr, lse_part_ptr,
     qk_scale,
@@ -155,7 +171,7 @@ def _tree_attn_fwd_kernel(
     stride_sl,
     stride_tmb, stride_tmn, stride_tmw,
     stride_ob, stride_on, stride_oh, stride_od,
-    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Tree attention for one (query-row tile, request ``b``, KV head ``h``, KV split ``s``).
@@ -170,7 +186,7 @@ def _tree_attn_fwd_kernel(
     the request's prefix length ``P = seq_lens[b] - N``; the last split also covers the N tree
     nodes at positions ``P + j``, where node i may see node j iff bit j of ``tree_mask[b, i]``.
     With ``SPLIT`` the program writes its normalised partial output and log2-sum-exp to
-    ``o_part`` / ``lse_part`` for ``_tree_attn_merge_kernel``; without, it writes ``out``.
+    ``o_part`` / ``lse_part`` for ``_tree_attention_merge_kernel``; without, it writes ``out``.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -178,12 +194,13 @@ def _tree_attn_fwd_kernel(
     b = pid_bh // HKV
     h = pid_bh % HKV
 
-    # Lengths come from device memory (no host sync). Clamp so that a bad seq_lens value can at
-    # worst produce garbage output, never an out-of-bounds access.
+    # Lengths come from device memory (no host sync). They are compared in int64 (an int64
+    # 2^32 + 10 is a length past the table, not 10) and clamped to [0, cap] before anything is
+    # narrowed, so a bad seq_lens value can at worst produce garbage, never an out-of-bounds access.
     cap = max_blocks * block_size
-    seq_len = tl.load(seq_lens_ptr + b * stride_sl).to(tl.int32)
+    seq_len = tl.load(seq_lens_ptr + b * stride_sl).to(tl.int64)
     prefix = seq_len - N
-    prefix_end = tl.minimum(tl.maximum(prefix, 0), cap)
+    prefix_end = tl.minimum(tl.maximum(prefix, 0), cap).to(tl.int32)
     lo = pid_s * chunk_len
     hi = tl.minimum(lo + chunk_len, prefix_end)
 
@@ -205,33 +222,35 @@ def _tree_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Prefix: every tree node sees every cached position before the tree.
+    # Prefix: every tree node sees every cached position before the tree (so every valid row of
+    # the tile sees every valid key: V needs no sanitising).
     for start in range(lo, hi, BLOCK_KV):
         pos = start + tl.arange(0, BLOCK_KV)
         kvalid = pos < hi
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = _tree_attention_step(
             acc, m_i, l_i, q, k_head_ptr, v_head_ptr, bt_row_ptr, pos, kvalid,
             kvalid[None, :] & row_valid[:, None],
             num_blocks, block_size, max_blocks, qk_scale, D,
             stride_btm, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-            BLOCK_D, DOT_FP32)
+            BLOCK_D, DOT_FP32, False)
 
-    # Tree part (last split only): node j sits at position prefix + j; the bitmask decides.
+    # Tree part (last split only): node j sits at position prefix + j; the bitmask decides. Its
+    # own (small) key tile BLOCK_T keeps the V sanitising off the register peak of the prefix loop.
     tree_hi = tl.where(pid_s == num_splits - 1, N, 0)
     tm_rows = tree_mask_ptr + b * stride_tmb + node[:, None].to(tl.int64) * stride_tmn
-    for t0 in range(0, tree_hi, BLOCK_KV):
-        j = t0 + tl.arange(0, BLOCK_KV)
-        pos = prefix + j
+    for t0 in range(0, tree_hi, BLOCK_T):
+        j = t0 + tl.arange(0, BLOCK_T)
+        pos = tl.minimum(tl.maximum(prefix + j, -1), cap).to(tl.int32)
         kvalid = (j < N) & (pos >= 0) & (pos < cap)
         word = tl.load(tm_rows + (j // 32)[None, :] * stride_tmw,
                        mask=row_valid[:, None] & (j < N)[None, :], other=0)
         bit = (word >> (j % 32)[None, :]) & 1
         allowed = (bit != 0) & kvalid[None, :] & row_valid[:, None]
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = _tree_attention_step(
             acc, m_i, l_i, q, k_head_ptr, v_head_ptr, bt_row_ptr, pos, kvalid, allowed,
             num_blocks, block_size, max_blocks, qk_scale, D,
             stride_btm, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-            BLOCK_D, DOT_FP32)
+            BLOCK_D, DOT_FP32, True)
 
     # A row with no visible key at all (only possible with a mask lacking its diagonal) gets 0.
     has = l_i > 0.0
@@ -248,7 +267,7 @@ def _tree_attn_fwd_kernel(
 
 
 @triton.jit
-def _tree_attn_merge_kernel(
+def _tree_attention_merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr,
     G, HKV, D, M, M_PAD, num_splits,
     stride_ob, stride_on, stride_oh, stride_od,

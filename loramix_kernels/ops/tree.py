@@ -1,11 +1,13 @@
 """Speculative-decoding trees: ``build_tree`` and ``tree_attention`` (verification attention).
 
-Schemas, launchers (validate, allocate, pick tiles, launch), CPU / CUDA / fake registrations and the
-public, documented functions. Kernels are in ``loramix_kernels/kernels/tree.py``; the plain-PyTorch
-reference (CPU fallback, test oracle) is ``loramix_kernels/reference/tree.py``.
+Per op: ``validate_<op>`` (metadata checks, plus value checks where ``_backend.check_values``
+allows), the Triton launcher ``<op>_triton`` (kernels in ``kernels/tree.py``, imported lazily: this
+module imports without triton), the CPU kernel (``build_tree_ref`` from ``reference/tree.py``;
+``tree_attention_cpu`` below, checked against ``tree_attention_ref``), the fake kernel, the
+registration through ``ops/_registry.py`` and the public, documented function.
 
 Launchers read only tensor metadata (no ``.item()``, no host branch on values), so both ops can be
-captured in a CUDA graph; data-dependent checks run only where ``_backend.check_values`` allows.
+captured in a CUDA graph. Contract: ``docs/API.md``.
 """
 
 from __future__ import annotations
@@ -13,21 +15,14 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
+import torch.nn.functional as F
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_shape, check_tensor, fail
-from ..reference import tree as ref
-
-torch.library.define(
-    "loramix::build_tree",
-    "(Tensor parents) -> (Tensor, Tensor, Tensor, Tensor)",
-)
-torch.library.define(
-    "loramix::tree_attention",
-    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
-    "Tensor tree_mask, float sm_scale) -> Tensor",
-)
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_parents, check_shape, check_tensor,
+                       fail)
+from .._tiles import cdiv, pow2_at_least
+from ..reference.tree import build_tree_ref, default_scale, tree_attention_ref
+from ._registry import register_op
 
 # ==================================================================================================
 # build_tree
@@ -36,26 +31,18 @@ torch.library.define(
 _BT = "build_tree"
 
 
-def _check_build_tree(parents: torch.Tensor) -> tuple[int, int, int]:
+def validate_build_tree(parents):
+    """Metadata checks and (where allowed) the parents rule shared with verify_*; returns
+    ``(B, N, W)`` with ``W = ceil(N / 32)`` mask words per row."""
     check_tensor(_BT, "parents", parents, ndim=2, dtypes=INDEX_DTYPES)
     B, N = parents.shape
     check(N >= 1, _BT, "parents", f"must have at least one node (the root), got shape {[B, N]}")
-    return B, N, (N + 31) // 32
+    if _backend.check_values(parents):
+        check_parents(_BT, parents)
+    return B, N, cdiv(N, 32)
 
 
-def _check_parent_values(parents: torch.Tensor) -> None:
-    """Every parents[b, i] must be -1 or lie in [0, i) (so parents[b, 0] == -1)."""
-    if parents.numel() == 0:
-        return
-    idx = torch.arange(parents.shape[1], device=parents.device)
-    bad = (parents < -1) | (parents >= idx)
-    if bool(bad.any()):
-        b, i = (int(x) for x in bad.nonzero()[0])
-        fail(_BT, "parents", f"[{b}, {i}] = {int(parents[b, i])} must be -1 or lie in [0, {i}) "
-             "(a parent comes before its child; node 0 is the root, parent -1)")
-
-
-def _empty_tree_outputs(parents, B, N, W):
+def _build_tree_outputs(parents, B, N, W):
     dev = parents.device
     return (torch.empty(B, N, W, dtype=torch.int32, device=dev),
             torch.empty(B, N, dtype=torch.int32, device=dev),
@@ -64,24 +51,22 @@ def _empty_tree_outputs(parents, B, N, W):
 
 
 def _build_tree_config(N: int, W: int) -> dict:
-    block_n = max(16, triton.next_power_of_2(N))
+    block_n = pow2_at_least(N, 16)
     # Keep the [BLOCK_N, CHUNK] comparison tile near 4K elements (registers, not local memory).
     chunk = max(16, min(block_n, 4096 // block_n))
-    return dict(BLOCK_N=block_n, BLOCK_W=max(2, triton.next_power_of_2(W)), CHUNK=chunk,
+    return dict(BLOCK_N=block_n, BLOCK_W=pow2_at_least(W, 2), CHUNK=chunk,
                 num_warps=4 if block_n <= 256 else 8)
 
 
-def build_tree_forward(parents: torch.Tensor):
-    """Launcher: validate, allocate, launch ``_build_tree_kernel`` with grid ``(B,)``."""
-    from ..kernels.tree import _build_tree_kernel
-
-    B, N, W = _check_build_tree(parents)
-    if _backend.check_values(parents):
-        _check_parent_values(parents)
-    mask, depth, first, nsib = _empty_tree_outputs(parents, B, N, W)
+def build_tree_triton(parents):
+    """Launcher: allocate, launch ``_build_tree_kernel`` with grid ``(B,)``."""
+    B, N = parents.shape
+    W = cdiv(N, 32)
+    mask, depth, first, nsib = _build_tree_outputs(parents, B, N, W)
     if B == 0:
         return mask, depth, first, nsib
-    cfg = _build_tree_config(N, W)
+    from ..kernels.tree import _build_tree_kernel
+
     _build_tree_kernel[(B,)](
         parents, mask, depth, first, nsib,
         N, W,
@@ -90,30 +75,19 @@ def build_tree_forward(parents: torch.Tensor):
         depth.stride(0), depth.stride(1),
         first.stride(0), first.stride(1),
         nsib.stride(0), nsib.stride(1),
-        **cfg,
+        **_build_tree_config(N, W),
     )
     return mask, depth, first, nsib
 
 
-def _build_tree_impl(parents):
-    # One kernel for both devices: Triton where it runs (CUDA, or CPU under the interpreter
-    # switch), else the reference; value checks wherever check_values allows (always on CPU).
-    if _backend.use_triton(parents):
-        return build_tree_forward(parents)
-    _check_build_tree(parents)
-    if _backend.check_values(parents):
-        _check_parent_values(parents)
-    return ref.build_tree(parents)
-
-
-torch.library.register_kernel("loramix::build_tree", "cpu", _build_tree_impl)
-torch.library.register_kernel("loramix::build_tree", "cuda", _build_tree_impl)
-
-
-@torch.library.register_fake("loramix::build_tree")
-def _build_tree_fake(parents):
-    B, N, W = _check_build_tree(parents)
-    return _empty_tree_outputs(parents, B, N, W)
+register_op(
+    "build_tree",
+    "(Tensor parents) -> (Tensor, Tensor, Tensor, Tensor)",
+    validate=validate_build_tree,
+    triton=build_tree_triton,
+    cpu=build_tree_ref,
+    fake=lambda info, parents: _build_tree_outputs(parents, *info),
+)
 
 
 def build_tree(parents: torch.Tensor):
@@ -121,7 +95,9 @@ def build_tree(parents: torch.Tensor):
 
     Node 0 is the root (the last committed token); ``parents[b, i]`` is node i's parent, which
     comes before it (``0 <= parents[b, i] < i``), or -1 for the root and for unused padding nodes
-    (a padding node sees only itself, has depth 0 and is nobody's child).
+    (a padding node sees only itself and has depth 0). A node hanging from a padding node
+    (directly or further down) is accepted: it is unreachable, and its mask row, depth and child
+    lists follow the parents array as given (the one parents rule of every op, ``docs/API.md``).
 
     Parameters
     ----------
@@ -145,14 +121,16 @@ def build_tree(parents: torch.Tensor):
     Raises
     ------
     ValueError
-        On a parent that is not -1 and not in ``[0, i)`` (checked on CPU; on CUDA only after
-        ``loramix_kernels.set_value_validation(True)``; the CUDA kernel treats such a parent as
-        -1 and never reads out of bounds).
+        ``build_tree: parents ...`` on ``parents[b, 0] != -1`` or a parent that is not -1 and not
+        in ``[0, i)``, compared in the input's own width (checked on CPU; on CUDA only after
+        ``loramix_kernels.set_value_validation(True)`` or with ``LORAMIX_VALIDATE=1``; the CUDA
+        kernel treats such a parent as -1 and never reads out of bounds).
 
     Examples
     --------
-    >>> import torch, loramix_kernels.ops.tree as T
-    >>> mask, depth, first, nxt = T.build_tree(torch.tensor([[-1, 0, 0, 1]]))
+    >>> import torch
+    >>> from loramix_kernels import build_tree
+    >>> mask, depth, first, nxt = build_tree(torch.tensor([[-1, 0, 0, 1]]))
     >>> mask[0, :, 0].tolist(), depth.tolist(), first.tolist(), nxt.tolist()
     ([1, 3, 5, 11], [[0, 1, 1, 2]], [[1, 3, -1, -1]], [[-1, 2, -1, -1]])
     """
@@ -166,56 +144,69 @@ def build_tree(parents: torch.Tensor):
 _TA = "tree_attention"
 
 
-def _check_tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale):
-    """Metadata checks (shapes, dtypes, devices); returns the sizes."""
+def validate_tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None):
+    """Shapes, dtypes, devices, sm_scale; where ``check_values`` allows also the lengths (in
+    their own width) and the block ids a request uses. Messages are formatted only on failure
+    (this runs on every call: per-call overhead at decode shapes)."""
     check_tensor(_TA, "q", q, ndim=4, dtypes=FLOAT_DTYPES)
     dev = q.device
     if dev.type == "cuda":  # fp32 is a CPU-only dtype of this op (a tf32 dot would lose precision)
-        check(q.dtype != torch.float32, _TA, "q",
-              "must be float16 or bfloat16 on CUDA, got float32", TypeError)
+        if q.dtype == torch.float32:
+            fail(_TA, "q", "must be float16 or bfloat16 on CUDA, got float32", TypeError)
     B, N, Hq, D = q.shape
-    check(N >= 1, _TA, "q", f"must hold at least one tree node (dim 1), got shape {list(q.shape)}")
-    check(D >= 1, _TA, "q", f"must have a non-empty head dim, got shape {list(q.shape)}")
+    if N < 1:
+        fail(_TA, "q", f"must hold at least one tree node (dim 1), got shape {list(q.shape)}")
+    if D < 1:
+        fail(_TA, "q", f"must have a non-empty head dim, got shape {list(q.shape)}")
     check_tensor(_TA, "k_cache", k_cache, ndim=4, device=dev)
-    check(k_cache.dtype == q.dtype, _TA, "k_cache", f"must have q's dtype {q.dtype}, got "
-          f"{k_cache.dtype}", TypeError)
+    if k_cache.dtype != q.dtype:
+        fail(_TA, "k_cache", f"must have q's dtype {q.dtype}, got {k_cache.dtype}", TypeError)
     num_blocks, block_size, Hkv, Dk = k_cache.shape
-    check(Dk == D, _TA, "k_cache", f"head dim (dim 3) must equal q's {D}, got {Dk}")
-    check(num_blocks >= 1 and block_size >= 1 and Hkv >= 1, _TA, "k_cache",
-          f"must be non-empty [num_blocks, block_size, Hkv, D], got {list(k_cache.shape)}")
-    check(Hq % Hkv == 0, _TA, "q", f"heads ({Hq}) must be a multiple of k_cache's KV heads ({Hkv}) "
-          "(GQA)")
+    if Dk != D:
+        fail(_TA, "k_cache", f"head dim (dim 3) must equal q's {D}, got {Dk}")
+    if not (num_blocks >= 1 and block_size >= 1 and Hkv >= 1):
+        fail(_TA, "k_cache",
+             f"must be non-empty [num_blocks, block_size, Hkv, D], got {list(k_cache.shape)}")
+    if Hq % Hkv != 0:
+        fail(_TA, "q", f"heads ({Hq}) must be a multiple of k_cache's KV heads ({Hkv}) (GQA)")
     check_tensor(_TA, "v_cache", v_cache, ndim=4, device=dev)
-    check(v_cache.dtype == q.dtype, _TA, "v_cache", f"must have q's dtype {q.dtype}, got "
-          f"{v_cache.dtype}", TypeError)
+    if v_cache.dtype != q.dtype:
+        fail(_TA, "v_cache", f"must have q's dtype {q.dtype}, got {v_cache.dtype}", TypeError)
     check_shape(_TA, "v_cache", v_cache, tuple(k_cache.shape))
     check_tensor(_TA, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     check_shape(_TA, "block_table", block_table, (B, None))
     check(block_table.shape[1] >= 1, _TA, "block_table", "must have at least one column")
     check_tensor(_TA, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev)
     check_shape(_TA, "seq_lens", seq_lens, (B,))
-    W = (N + 31) // 32
     check_tensor(_TA, "tree_mask", tree_mask, ndim=3, dtypes=(torch.int32,), device=dev)
-    check_shape(_TA, "tree_mask", tree_mask, (B, N, W))
-    check(isinstance(sm_scale, (float, int)) and math.isfinite(sm_scale), _TA, "sm_scale",
-          f"must be a finite float, got {sm_scale!r}")
-    return B, N, Hq, D, num_blocks, block_size, Hkv
+    check_shape(_TA, "tree_mask", tree_mask, (B, N, cdiv(N, 32)))
+    if not (sm_scale is None or (isinstance(sm_scale, (float, int)) and math.isfinite(sm_scale))):
+        fail(_TA, "sm_scale", f"must be a finite float or None, got {sm_scale!r}")
+    if B > 0 and _backend.check_values(seq_lens):
+        _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
 
 
 def _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size):
-    lens = seq_lens.long()
-    if bool((lens < N).any()):
-        b = int((lens < N).nonzero()[0, 0])
-        fail(_TA, "seq_lens", f"[{b}] = {int(lens[b])} is shorter than the {N} tree nodes it must "
-             "include (the tree sits at positions seq_lens - N + i)")
+    # Cheap first (one reduction per tensor, compared as Python ints: in the input's own width,
+    # an int64 2^32 + 10 is a length past the table, not 10); the precise search runs only to
+    # name the offending entry, or when the table holds out-of-range ids (padding) somewhere.
+    lo, hi = (int(x) for x in seq_lens.aminmax())
+    if lo < N:
+        b = int((seq_lens < N).nonzero()[0, 0])
+        fail(_TA, "seq_lens", f"[{b}] = {int(seq_lens[b])} is shorter than the {N} tree nodes it "
+             "must include (the tree sits at positions seq_lens - N + i)")
     cap = block_table.shape[1] * block_size
-    if bool((lens > cap).any()):
-        b = int((lens > cap).nonzero()[0, 0])
+    if hi > cap:
+        b = int((seq_lens > cap).nonzero()[0, 0])
         fail(_TA, "block_table", f"is too short: row {b} maps {cap} positions "
-             f"({block_table.shape[1]} blocks of {block_size}) but seq_lens[{b}] = {int(lens[b])}")
+             f"({block_table.shape[1]} blocks of {block_size}) but seq_lens[{b}] = "
+             f"{int(seq_lens[b])}")
+    tlo, thi = (int(x) for x in block_table.aminmax())
+    if tlo >= 0 and thi < num_blocks:
+        return
     # Only the blocks a request uses must be valid; the tail of a row may hold padding (e.g. -1).
-    used = torch.arange(block_table.shape[1], device=lens.device)[None, :] < \
-        ((lens + block_size - 1) // block_size)[:, None]
+    used = torch.arange(block_table.shape[1], device=seq_lens.device)[None, :] < \
+        ((seq_lens.long() + block_size - 1) // block_size)[:, None]
     bad = used & ((block_table < 0) | (block_table >= num_blocks))
     if bool(bad.any()):
         b, m = (int(x) for x in bad.nonzero()[0])
@@ -223,21 +214,28 @@ def _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_siz
              f"[0, {num_blocks}) (num_blocks of k_cache)")
 
 
+def _tree_attention_fake(info, q, *args):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def _attention_config(M: int, D: int) -> dict:
     """Tiles by head dim so the K/V pipeline fits in shared memory and acc in registers.
 
-    BLOCK_M holds query rows (tree nodes x GQA group), BLOCK_KV keys per step. The table was
+    BLOCK_M holds query rows (tree nodes x GQA group), BLOCK_KV prefix keys per step, BLOCK_T
+    tree keys per step. The table was
     checked with ptxas for sm_90 (no register spills; shared memory <= 112 KB): D = 128 with 128
     rows halves BLOCK_KV, and D = 256 caps BLOCK_M at 64 (a 64 x 256 fp32 accumulator is already
     64 KB of registers) with a 32-key tile and two stages.
     """
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = pow2_at_least(D, 16)
     max_m, block_kv, stages = (128, 64, 3) if block_d <= 128 else (64, 32, 2)
-    block_m = min(max(16, triton.next_power_of_2(M)), max_m)
+    block_m = min(pow2_at_least(M, 16), max_m)
     if block_d == 128 and block_m == 128:
         block_kv = 32
     warps = 4 if block_m * block_d <= 32 * 128 else 8
-    return dict(BLOCK_M=block_m, BLOCK_KV=block_kv, BLOCK_D=block_d,
+    # Tree keys (N of them, seen by some rows only: V is sanitised there) in 16-key tiles, so
+    # that part never sets the register peak.
+    return dict(BLOCK_M=block_m, BLOCK_KV=block_kv, BLOCK_D=block_d, BLOCK_T=16,
                 num_warps=warps, num_stages=stages)
 
 
@@ -252,35 +250,34 @@ def _num_splits(programs: int, max_kv: int, rows: int, block_kv: int, sms: int) 
     """
     if programs >= sms:
         return 1
-    want = triton.cdiv(sms, programs)
+    want = cdiv(sms, programs)
     min_chunk = max(4 * rows, 256, block_kv)
     return max(1, min(want, max_kv // min_chunk, 64))
 
 
-def tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale,
-                           num_splits: int | None = None):
-    """Launcher. ``num_splits`` overrides the split heuristic (tests of the merge path)."""
-    from ..kernels.tree import _tree_attn_fwd_kernel, _tree_attn_merge_kernel
-
-    B, N, Hq, D, num_blocks, block_size, Hkv = _check_tree_attention(
-        q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-    if _backend.check_values(seq_lens):
-        _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
+def tree_attention_triton(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None,
+                          num_splits: int | None = None):
+    """Launcher: tiles, split-KV heuristic, ``_tree_attention_kernel`` (+ the merge when split).
+    ``num_splits`` overrides the heuristic (tests of the merge path)."""
+    B, N, Hq, D = q.shape
+    num_blocks, block_size, Hkv, _ = k_cache.shape
+    sm_scale = default_scale(D) if sm_scale is None else float(sm_scale)
     out = torch.empty(B, N, Hq, D, dtype=q.dtype, device=q.device)
     if B == 0 or Hq == 0:
         return out
+    from ..kernels.tree import _tree_attention_kernel, _tree_attention_merge_kernel
 
     G = Hq // Hkv
     M = N * G
     cfg = _attention_config(M, D)
-    m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    m_tiles = cdiv(M, cfg["BLOCK_M"])
     max_kv = block_table.shape[1] * block_size
     if num_splits is None:
         num_splits = _num_splits(m_tiles * B * Hkv, max_kv, M, cfg["BLOCK_KV"],
                                  _backend.sm_count(q))
     num_splits = max(1, int(num_splits))
     # Per-split key range: a multiple of BLOCK_KV so only a split's last tile is ragged.
-    chunk = triton.cdiv(triton.cdiv(max_kv, num_splits), cfg["BLOCK_KV"]) * cfg["BLOCK_KV"]
+    chunk = cdiv(cdiv(max_kv, num_splits), cfg["BLOCK_KV"]) * cfg["BLOCK_KV"]
     split = num_splits > 1
     m_pad = m_tiles * cfg["BLOCK_M"]
     if split:
@@ -291,10 +288,10 @@ def tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask
         o_part = lse_part = out.new_empty(0, dtype=torch.float32)
 
     grid = (m_tiles, B * Hkv, num_splits)
-    _tree_attn_fwd_kernel[grid](
+    _tree_attention_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, tree_mask,
         out, o_part, lse_part,
-        float(sm_scale) * math.log2(math.e),
+        sm_scale * math.log2(math.e),
         N, G, Hkv, D, M, m_pad,
         num_blocks, block_size, block_table.shape[1], chunk, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
@@ -303,7 +300,7 @@ def tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask
     )
     if split:
         merge_m = min(32, cfg["BLOCK_M"])
-        _tree_attn_merge_kernel[(triton.cdiv(M, merge_m), B * Hkv)](
+        _tree_attention_merge_kernel[(cdiv(M, merge_m), B * Hkv)](
             o_part, lse_part, out,
             G, Hkv, D, M, m_pad, num_splits,
             *out.stride(),
@@ -312,24 +309,133 @@ def tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask
     return out
 
 
-def _tree_attention_impl(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale):
-    if _backend.use_triton(q):
-        return tree_attention_forward(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-    _, N, _, _, num_blocks, block_size, _ = _check_tree_attention(
-        q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-    if _backend.check_values(seq_lens):
-        _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
-    return ref.tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
+# --------------------------------------------------------------------------------------------------
+# CPU kernel
+# --------------------------------------------------------------------------------------------------
+
+#: ``1 << b`` as int32 for b = 0..31 (bit 31 is the sign bit): unpacks the tree mask with one ``&``.
+_BITS = torch.tensor([1 << b if b < 31 else -(1 << 31) for b in range(32)], dtype=torch.int32)
+_ARANGE = torch.arange(4096)
 
 
-torch.library.register_kernel("loramix::tree_attention", "cpu", _tree_attention_impl)
-torch.library.register_kernel("loramix::tree_attention", "cuda", _tree_attention_impl)
+def _arange(n: int) -> torch.Tensor:
+    """``torch.arange(n)`` (int64, CPU) as a slice of a cached tensor: one op less per use."""
+    global _ARANGE
+    if n > _ARANGE.numel():
+        _ARANGE = torch.arange(max(n, 2 * _ARANGE.numel()))
+    return _ARANGE[:n]
 
 
-@torch.library.register_fake("loramix::tree_attention")
-def _tree_attention_fake(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale):
-    _check_tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+#: Fold the GQA group into the query rows while N * G stays at most this (measured on CPU: folding
+#: wins at decode sizes, the per-row mask costs more than it saves on wide trees).
+_FOLD_MAX_ROWS = 256
+
+
+def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None):
+    """CPU kernel: gather each request's keys once, one fused attention call for all of them.
+
+    Every request's keys are laid out as ``[its prefix 0..Lp) | its N tree nodes]`` (``Lp`` = the
+    longest prefix; a shorter prefix is masked and its tail zeroed), gathered from the paged cache
+    with one ``index_select`` per cache. K and V are never repeated per query head: small trees
+    fold the GQA group into the query rows (``[B, Hkv, N * G, D]``), wide ones use SDPA's GQA.
+    PyTorch's fused CPU attention (``scaled_dot_product_attention``: blocked, fp32 accumulation
+    and softmax) runs with an additive mask that is non-zero only on the tree columns. Equal to
+    ``tree_attention_ref`` (the fp32 oracle) within the dtype's tolerance, with the same rules
+    for garbage: non-finite K / V in tree slots a row does not see cannot reach it (zeroed, and
+    only the rows that see them get NaN); a row that sees no key gets 0. Bad lengths or block ids
+    (value checks off) are clamped as in the Triton kernel.
+    """
+    if q.device.type != "cpu":  # LORAMIX_BACKEND=reference on CUDA tensors (a debugging aid)
+        return tree_attention_ref(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
+    B, N, Hq, D = q.shape
+    num_blocks, bs, Hkv, _ = k_cache.shape
+    scale = default_scale(D) if sm_scale is None else float(sm_scale)
+    out = torch.empty(B, N, Hq, D, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    G = Hq // Hkv
+    M = N * G
+    cap = block_table.shape[1] * bs
+    base = seq_lens.long() - N  # position of tree node 0 (int64: no wrap)
+    bmin, bmax = (int(x) for x in base.aminmax())
+    in_range = bmin >= 0 and bmax + N <= cap  # always true once the values were checked
+    if in_range:
+        prefix, pmin, Lp = base, bmin, bmax
+    else:
+        prefix = base.clamp(0, cap)
+        pmin, Lp = min(max(bmin, 0), cap), min(max(bmax, 0), cap)
+    L = Lp + N
+    tpos = base[:, None] + _arange(N)
+    pos = torch.cat([_arange(Lp).expand(B, Lp), tpos], 1)  # [B, L] cache positions
+    if not in_range:
+        tvalid = (tpos >= 0) & (tpos < cap)
+        pos.clamp_(0, cap - 1)
+    # Clamped always: a shorter prefix's masked tail may map to padding entries (-1) of its row.
+    blk = block_table.gather(1, pos // bs).clamp_(0, num_blocks - 1)
+    slot = (pos % bs).add_(blk, alpha=bs)  # int64 (an int32 block id times bs could wrap)
+    if k_cache.stride(0) == bs * k_cache.stride(1) and v_cache.stride(0) == bs * v_cache.stride(1):
+        slot = slot.view(-1)
+        k = k_cache.flatten(0, 1).index_select(0, slot).view(B, L, Hkv, D)
+        v = v_cache.flatten(0, 1).index_select(0, slot).view(B, L, Hkv, D)
+    else:  # block and slot dims not mergeable (an odd view): gather by (block, offset)
+        k = k_cache[slot // bs, slot % bs]
+        v = v_cache[slot // bs, slot % bs]
+
+    hidden = (tree_mask[..., None] & _BITS).view(B, N, -1)[..., :N].eq(0)  # [B, N, N]: not seen
+    if not in_range:
+        hidden |= ~tvalid[:, None, :]
+    # Small trees fold the GQA group into the query rows (one [N * G, L] problem per KV head:
+    # bigger blocks for SDPA, no mask broadcast needed since the mask is materialised per row);
+    # wide trees keep [N, L] per query head with SDPA's own GQA and a mask broadcast over heads.
+    fold = M <= _FOLD_MAX_ROWS
+    mask = torch.zeros(B, N, G if fold else 1, L, dtype=q.dtype)
+    mask[..., Lp:].masked_fill_(hidden[:, :, None, :], float("-inf"))
+    if pmin < Lp:  # shorter prefixes: mask (and zero, against 0 * NaN) their tail of [0, Lp)
+        for b in (prefix < Lp).nonzero().flatten().tolist():
+            p = int(prefix[b])
+            k[b, p:Lp] = 0
+            v[b, p:Lp] = 0
+            mask[b, ..., p:Lp] = float("-inf")
+    # Tree slots are seen by some rows only: a NaN / inf there (a padding node's never-written
+    # slot) must not reach the others through the masked sum (0 * inf = NaN). One cheap sum
+    # decides whether to look closer.
+    kt, vt = k[:, Lp:], v[:, Lp:]
+    poisoned = None
+    if not math.isfinite(float(kt.sum(dtype=torch.float32) + vt.sum(dtype=torch.float32))):
+        fin = torch.isfinite(kt) & torch.isfinite(vt)
+        kt.masked_fill_(~fin, 0)
+        vt.masked_fill_(~fin, 0)
+        garbage = ~fin.all(-1)  # [B, N, Hkv]: tree slot j of KV head h holds NaN / inf
+        poisoned = (~hidden[:, :, None, :] & garbage.permute(0, 2, 1)[:, None, :, :]).any(-1)
+    out5 = out.view(B, N, Hkv, G, D)
+    if fold:
+        qf = q.view(B, N, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, M, D)
+        o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask.view(B, 1, M, L), scale=scale)
+        out5.copy_(o.view(B, Hkv, N, G, D).permute(0, 2, 1, 3, 4))
+    else:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=mask.view(B, 1, N, L),
+                                           scale=scale, enable_gqa=G > 1)
+        out.copy_(o.transpose(1, 2))
+    if pmin == 0:  # a row with no prefix and no visible tree node sees nothing: 0, not NaN
+        dead = hidden.all(-1) & (prefix == 0)[:, None]
+        if bool(dead.any()):
+            out.masked_fill_(dead[:, :, None, None], 0)
+    if poisoned is not None:  # [B, N, Hkv]: the row sees a garbage slot of this KV head
+        out5.masked_fill_(poisoned[..., None, None], float("nan"))
+    return out
+
+
+register_op(
+    "tree_attention",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+    "Tensor tree_mask, float? sm_scale=None) -> Tensor",
+    validate=validate_tree_attention,
+    triton=tree_attention_triton,
+    cpu=tree_attention_cpu,
+    fake=_tree_attention_fake,
+)
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -366,33 +472,44 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     tree_mask : torch.Tensor
         ``[B, N, ceil(N / 32)]`` int32 packed ancestor bitmask (see :func:`build_tree`).
     sm_scale : float, optional
-        Softmax scale; default ``1 / sqrt(D)``.
+        Softmax scale; default (None, also in the raw op's schema) ``1 / sqrt(D)``.
+
+    Every tensor argument may have any strides.
 
     Returns
     -------
     torch.Tensor
         ``[B, N, Hq, D]`` in q's dtype (contiguous). A node whose row sees no key gets zeros.
+        Cache slots a node does not see never influence its output, whatever they hold (a
+        ``torch.empty`` cache, NaN / inf in a padding node's never-written slot or past a
+        request's length); a node that does see a non-finite K or V gets a non-finite output.
 
     Raises
     ------
     ValueError / TypeError
         Wrong rank, shape, dtype or device mix; Hq not a multiple of Hkv. On CPU (on CUDA with
-        ``set_value_validation(True)``) also seq_lens < N, a block table too short for seq_lens,
-        and block ids outside ``[0, num_blocks)``; the CUDA kernel clamps them instead.
+        ``set_value_validation(True)`` or ``LORAMIX_VALIDATE=1``) also seq_lens < N, a block
+        table too short for seq_lens, and block ids outside ``[0, num_blocks)``; the kernels
+        clamp them instead (lengths compared in their own width, never wrapped).
+
+    Notes
+    -----
+    On CPU the op gathers each request's keys once and runs PyTorch's fused attention with the
+    GQA group folded into the query rows (``tree_attention_cpu``); ``reference/tree.py`` keeps
+    the plain fp32 form it is tested against.
 
     Examples
     --------
-    >>> import torch, loramix_kernels.ops.tree as T
+    >>> import torch
+    >>> from loramix_kernels import build_tree, tree_attention
     >>> B, N, Hq, Hkv, D, bs = 2, 4, 8, 2, 64, 16
-    >>> mask, depth, _, _ = T.build_tree(torch.tensor([[-1, 0, 0, 1]] * B))
+    >>> mask, depth, _, _ = build_tree(torch.tensor([[-1, 0, 0, 1]] * B))
     >>> q = torch.randn(B, N, Hq, D)
     >>> k = torch.randn(8, bs, Hkv, D); v = torch.randn(8, bs, Hkv, D)
     >>> table = torch.arange(8, dtype=torch.int32).view(B, 4)
     >>> lens = torch.tensor([20, 4 + 9], dtype=torch.int32)  # prefixes 16 and 9
-    >>> T.tree_attention(q, k, v, table, lens, mask).shape
+    >>> tree_attention(q, k, v, table, lens, mask).shape
     torch.Size([2, 4, 8, 64])
     """
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(q.shape[-1])
     return torch.ops.loramix.tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask,
-                                            float(sm_scale))
+                                            None if sm_scale is None else float(sm_scale))

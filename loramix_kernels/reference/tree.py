@@ -1,7 +1,10 @@
-"""Plain-PyTorch tree ops: the CPU fallback, the test oracle of the Triton kernels, and the
+"""Plain-PyTorch tree ops: ``build_tree_ref`` (also the CPU kernel of ``build_tree``),
+``tree_attention_ref`` (the straightforward fp32 form of ``tree_attention``: the oracle the fast CPU
+kernel ``ops/tree.py::tree_attention_cpu`` and the Triton kernels are compared with), and the
 benchmark baselines (dense-mask SDPA and FlexAttention over the gathered KV).
 
-All attention arithmetic is done in fp32 (softmax included) and cast back to q's dtype.
+All attention arithmetic is done in fp32 (softmax included) and cast back to q's dtype. No triton
+import: this module is the package's CPU path.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import torch.nn.functional as F
 
 
 def _sanitize_parents(parents: torch.Tensor) -> torch.Tensor:
-    """int64 parents where anything outside ``[0, i)`` becomes -1 (the kernels' rule)."""
-    p = parents.long()
-    idx = torch.arange(p.shape[1], device=p.device)
-    return torch.where((p >= 0) & (p < idx), p, torch.full_like(p, -1))
+    """int64 parents where anything outside ``[0, i)`` becomes -1 (the kernels' rule); compared
+    in the input's own width before widening (an int32 or int64 input never wraps)."""
+    idx = torch.arange(parents.shape[1], device=parents.device, dtype=parents.dtype)
+    ok = (parents >= 0) & (parents < idx)
+    return torch.where(ok, parents, torch.full_like(parents, -1)).long()
 
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
@@ -62,8 +66,12 @@ def _first_true(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x.any(-1), idx, torch.full_like(idx, -1)).to(torch.int32)
 
 
-def build_tree(parents: torch.Tensor):
-    """Reference ``build_tree``: see ``loramix_kernels.ops.tree.build_tree``."""
+def build_tree_ref(parents: torch.Tensor):
+    """Reference ``build_tree`` (and its CPU kernel): see ``loramix_kernels.build_tree``.
+
+    Parents outside ``[0, i)`` count as -1, as in the Triton kernel (they are rejected before
+    when value checks run). A node hanging from a padding node keeps the ancestors the parents
+    array gives it."""
     p = _sanitize_parents(parents)
     N = p.shape[1]
     anc = ancestor_matrix(p)
@@ -115,7 +123,10 @@ def dense_tree_mask(tree_mask, seq_lens, n: int, max_len: int) -> torch.Tensor:
 def _masked_attention_fp32(q, k, v, mask, sm_scale):
     """q ``[B, Hq, N, D]``, k/v ``[B, Hkv, L, D]``, mask bool ``[B, N, L]``; fp32 softmax.
 
-    A row with no visible key returns 0 (the kernels do the same).
+    A row with no visible key returns 0 (the kernels do the same). Keys a row does not see never
+    reach it: masked scores are replaced (not added to), and non-finite V entries are zeroed before
+    ``p @ v`` (where ``0 * inf`` would be NaN) while the rows that DO see a non-finite V are set
+    to NaN for that head.
     """
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
@@ -128,20 +139,31 @@ def _masked_attention_fp32(q, k, v, mask, sm_scale):
     mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     p = torch.exp(s - mx)
     denom = p.sum(-1, keepdim=True)
-    o = torch.einsum("bhgnl,bhld->bhgnd", p, v.float()) / torch.where(denom > 0, denom, 1.0)
+    vf = v.float()
+    fin = torch.isfinite(vf)
+    o = torch.einsum("bhgnl,bhld->bhgnd", p, torch.where(fin, vf, 0.0))
+    o = o / torch.where(denom > 0, denom, 1.0)
+    seen_bad = (m & ~fin.all(-1)[:, :, None, None, :]).any(-1)  # [B, Hkv, G, N]
+    o = torch.where(seen_bad[..., None], float("nan"), o)
     return o.reshape(B, Hq, N, D)
 
 
-def tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale):
+def tree_attention_ref(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None):
     """Reference ``tree_attention``: fp32 masked softmax over the gathered KV.
 
-    See ``loramix_kernels.ops.tree.tree_attention`` for the contract.
+    See ``loramix_kernels.tree_attention`` for the contract. Lengths outside ``[N, capacity]``
+    (rejected before when value checks run) behave as in the Triton kernel: the prefix is
+    clamped to the block table's capacity and tree positions outside it are invisible.
     """
     B, N, Hq, D = q.shape
+    if sm_scale is None:
+        sm_scale = default_scale(D)
+    if B == 0 or Hq == 0:
+        return torch.empty(B, N, Hq, D, dtype=q.dtype, device=q.device)
     cap = block_table.shape[1] * k_cache.shape[1]
-    max_len = min(int(seq_lens.max()) if B else 0, cap)
     # Match the kernels on lengths past the block table: positions beyond it do not exist.
-    lens = seq_lens.long().clamp(max=cap)
+    lens = seq_lens.long().clamp(0, cap)
+    max_len = int(lens.max())
     k, v = gather_kv(k_cache, v_cache, block_table, lens, max_len)
     mask = dense_tree_mask(tree_mask, seq_lens, N, max_len)
     mask = mask & (torch.arange(max_len, device=q.device)[None, None, :] < lens[:, None, None])
