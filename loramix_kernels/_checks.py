@@ -26,24 +26,24 @@ def check(cond: bool, op: str, arg: str, msg: str, exc: type[Exception] = ValueE
 
 def check_tensor(op: str, arg: str, t, ndim: int | None = None,
                  dtypes: Iterable[torch.dtype] | None = None, device: torch.device | None = None):
-    check(isinstance(t, torch.Tensor), op, arg, f"must be a Tensor, got {type(t).__name__}", TypeError)
-    if ndim is not None:
-        check(t.dim() == ndim, op, arg, f"must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        check(t.dtype in dtypes, op, arg,
-              f"must have dtype in {[str(d).replace('torch.', '') for d in dtypes]}, got {t.dtype}",
-              TypeError)
-    if device is not None:
-        check(t.device == device, op, arg,
-              f"must be on {device} like the other inputs, got {t.device}")
+    # Messages are built only on failure: these checks run on every call (decode hot path).
+    if not isinstance(t, torch.Tensor):
+        fail(op, arg, f"must be a Tensor, got {type(t).__name__}", TypeError)
+    if ndim is not None and t.dim() != ndim:
+        fail(op, arg, f"must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        fail(op, arg, f"must have dtype in {[str(d).replace('torch.', '') for d in dtypes]}, "
+             f"got {t.dtype}", TypeError)
+    if device is not None and t.device != device:
+        fail(op, arg, f"must be on {device} like the other inputs, got {t.device}")
 
 
 def check_shape(op: str, arg: str, t: torch.Tensor, shape: tuple) -> None:
     """``shape`` may hold None for a free dimension."""
-    ok = t.dim() == len(shape) and all(s is None or t.shape[i] == s for i, s in enumerate(shape))
+    if t.dim() == len(shape) and all(s is None or n == s for n, s in zip(t.shape, shape)):
+        return
     want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-    check(ok, op, arg, f"must have shape {want}, got {list(t.shape)}")
+    fail(op, arg, f"must have shape {want}, got {list(t.shape)}")
 
 
 def check_index_range(op: str, arg: str, t: torch.Tensor, lo: int, hi: int) -> None:

@@ -5,7 +5,8 @@ Each suite ``loramix_kernels/bench/bench_<family>.py`` (found automatically) pro
 * ``cases(quick: bool) -> list[dict]``: the shapes (``quick`` = small CPU shapes);
 * ``make_inputs(case, device) -> dict``: one setup factory shared with the pytest-benchmark tests;
 * ``candidates(case, inputs) -> dict[str, callable]``: ours first (key ``"loramix"``), then the
-  baselines, imported from ``loramix_kernels.reference`` (never private copies);
+  baselines: plain-PyTorch ones imported from ``loramix_kernels.reference`` (never private
+  copies), Triton ones (e.g. the two-launch shrink / expand of vLLM's design) defined in the suite;
 * ``traffic_bytes(case) -> int``: the minimum HBM traffic the roofline fraction is measured against;
 * optionally ``flops(case) -> int``;
 * ``headline_cases() -> list[dict]``: the few full-size shapes the issues name as targets, run by
