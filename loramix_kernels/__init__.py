@@ -6,7 +6,7 @@ contract is ``docs/API.md``.
 """
 
 from . import _backend, _native
-from ._backend import set_value_validation, use_backend
+from ._backend import set_deterministic, set_value_validation, use_backend
 
 # Native CPU kernels (csrc/): built at install time, else compiled once on first import against the
 # installed torch and cached; None, after one warning saying why, when neither works (_native.py).
@@ -27,6 +27,6 @@ __all__ = [
     "verify_greedy", "verify_sampling", "match_branch",
     "compact_kv_", "compact_kv_layers_", "kv_write_", "lm_head_topk",
     "route_topk", "losses", "nn",
-    "set_value_validation", "use_backend",
+    "set_deterministic", "set_value_validation", "use_backend",
 ]
 __version__ = "0.1.0"

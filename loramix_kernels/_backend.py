@@ -102,6 +102,28 @@ def use_triton(t: torch.Tensor) -> bool:
     return False
 
 
+_deterministic = os.environ.get("LORAMIX_DETERMINISTIC", "0") == "1"
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Bit-reproducible results (training runs): no fp32 atomics in any kernel, so two runs on the
+    same inputs give identical outputs and gradients. Also on while
+    ``torch.use_deterministic_algorithms(True)`` is (which makes torch's own ops deterministic too).
+
+    What it costs (``routed_lora``): no d_in split at decode (fewer programs in flight), the
+    expert-sorted regime with k > 1 runs the dense form (two GEMMs over every expert), and the
+    backward runs the dense masked form instead of the sorted Triton kernels (E / k times the
+    FLOPs of routed-only work where E * r is large). Environment: ``LORAMIX_DETERMINISTIC=1``.
+    """
+    global _deterministic
+    _deterministic = bool(enabled)
+
+
+def deterministic() -> bool:
+    """Whether kernels must avoid atomics (``set_deterministic`` or torch's deterministic mode)."""
+    return _deterministic or torch.are_deterministic_algorithms_enabled()
+
+
 def set_value_validation(enabled: bool) -> None:
     """Switch data-dependent checks (index ranges, finite probabilities) on for CUDA tensors.
 

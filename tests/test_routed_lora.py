@@ -755,3 +755,53 @@ def test_empty_d_in_is_zero(name, device, ctx, E, ranks, k):
                                                                 x, A, B, ids, g, 1.0)
     assert y.shape == (5, 8) and (y == 0).all() and (out == 1).all()
     assert gx.shape == (5, 0) and (gg == 0).all() and all((t == 0).all() for t in gb)
+
+
+# ------------------------------------------------------------------------------------------
+# deterministic mode (issue 11): no fp32 atomics, bit-identical gradients across runs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("E, r, k", [(4, 8, 2), (64, 16, 3)])  # token-major; expert-sorted regime
+def test_deterministic_mode(name, device, ctx, E, r, k, monkeypatch):
+    """With ``set_deterministic(True)`` the d_in split (fp32 atomics) is off, the expert-sorted
+    forward with k > 1 and the sorted backward kernels (atomic scatters) are not launched, and two
+    forward + backward runs give bit-identical outputs and gradients."""
+    def forbidden(*a, **kw):
+        raise AssertionError("an atomic kernel path ran in deterministic mode")
+
+    x, A, B, ids, g = make_case(4, 64, [r, r], [32, 16], E, k, device=device)
+    with ctx():  # the default mode's values, and it does split d_in at decode
+        ref = loramix_kernels.routed_lora(x, A, B, ids, g, 0.5)
+        assert rl.plan_splits(x, 1, 4, 4096, 32, 8.0)[1] > 1
+    monkeypatch.setattr(rl, "routed_lora_backward_sorted", forbidden)
+    monkeypatch.setitem(rl._STRATEGIES, "expert_sorted", forbidden)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, *A, *B, g)]
+        xx, aa, bb, gg = leaves[0], leaves[1:3], leaves[3:5], leaves[5]
+        y = loramix_kernels.routed_lora(xx, aa, bb, ids, gg, 0.5)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view(y.shape).to(y)).sum(), leaves)
+        return [y.detach(), *grads]
+
+    loramix_kernels.set_deterministic(True)
+    try:
+        with ctx():
+            assert rl.plan_splits(x, 1, 4, 4096, 32, 8.0)[1] == 1  # decode shapes: no d_in split
+            first, second = run(), run()
+    finally:
+        loramix_kernels.set_deterministic(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert_close(first[0], ref, torch.float32)
+
+
+def test_torch_deterministic_algorithms_imply_ours():
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _backend.deterministic()
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert _backend.deterministic() == old

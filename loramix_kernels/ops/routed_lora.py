@@ -305,6 +305,8 @@ def plan_splits(x, programs, n_tiles, d_in, block_k, a_over_b, splits=None):
         per = decode_shares(x, programs, kmax * n_tiles)
         ksplit = max(1, min(int(round(math.sqrt(per * a_over_b))), kmax, per))
         nsplit = max(1, min(per // ksplit, n_tiles))
+    if _backend.deterministic():  # d_in chunks add up with fp32 atomics; column shares do not
+        ksplit = 1
     k_chunk = cdiv(cdiv(d_in, max(1, ksplit)), block_k) * block_k
     return max(1, nsplit), max(1, cdiv(d_in, k_chunk)), k_chunk
 
@@ -506,6 +508,8 @@ def routed_lora_triton(x, lora_a, lora_b, expert_ids, gates, scaling, *, out=Non
     if k == 0 or d_in == 0:  # nothing routed, or an empty reduction: y = 0
         return y if accumulate else y.zero_()
     strategy = strategy or choose_strategy(lora_a[0].shape[0], [a.shape[1] for a in lora_a], k)
+    if strategy == "expert_sorted" and k > 1 and _backend.deterministic():
+        strategy = "dense_gemm"  # the sorted kernel scatters k > 1 rows with fp32 atomics
     if strategy not in _STRATEGIES:
         raise ValueError(f"routed_lora: strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
     _STRATEGIES[strategy](x, lora_a, lora_b, expert_ids, gates, scaling, y, accumulate, splits)
@@ -613,9 +617,11 @@ def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, sc
 def routed_lora_backward_triton(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
     """Launcher of the backward: the expert-sorted Triton kernels where the forward runs
     ``expert_sorted``; elsewhere the dense masked form in PyTorch on the device (a handful of
-    GEMMs, no host sync); float64: the PyTorch kernels."""
+    GEMMs, no host sync); float64, and deterministic mode (the sorted kernels add with fp32
+    atomics): the PyTorch kernels."""
     E, k = lora_a[0].shape[0], expert_ids.shape[1]
-    if x.dtype != torch.float64 and choose_strategy(E, [a.shape[1] for a in lora_a], k) == "expert_sorted":
+    if (x.dtype != torch.float64 and not _backend.deterministic()
+            and choose_strategy(E, [a.shape[1] for a in lora_a], k) == "expert_sorted"):
         return routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs)
     return routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs)
 
@@ -713,7 +719,8 @@ def routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scali
     E, k = lora_a[0].shape[0], expert_ids.shape[1]
     acc = _acc_dtype(x)
     args = (grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, acc)
-    if choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
+    dense = choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted"
+    if dense or (x.device.type != "cpu" and _backend.deterministic()):  # no index_add_ atomics
         got = routed_lora_backward_dense(*args)
         if x.device.type != "cpu" or all(bool(torch.isfinite(t).all()) for t in (x, grad_y, got[0])):
             return got
