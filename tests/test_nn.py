@@ -23,13 +23,8 @@ from tests.common import TOL, assert_close
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and contend with other test processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny shapes: intra-op threads only add overhead (and contend with other test processes).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def routing_loss(model, alpha=1.0, entropy_weight=0.1):
     """The paper's balance + entropy-minimisation loss over every mixer's last routing."""

@@ -21,13 +21,8 @@ pytest.importorskip("safetensors")
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and contend with other test processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny shapes: intra-op threads only add overhead (and contend with other test processes).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _tol():
     atol, rtol = TOL[torch.float32]
