@@ -54,8 +54,8 @@ namespace {
 
 constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
 constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
-// Random-stream kinds (counter word c2 = kind + 2 * (offset >> 32)).
-constexpr uint32_t kKindAccept = 0, kKindRace = 1;
+// Set in the race's counter word c0 (acceptance counters are node indices, below 2^31).
+constexpr uint32_t kRaceCounterBit = 0x80000000u;
 // Acceptance uniform U = (r >> 8) * 2^-24: the top 24 bits of a Philox word; every multiple of
 // 2^-24 in [0, 1) is exact in fp32 (24-bit significand), so U < 1 with no rounding.
 constexpr float kAcceptUlp = 5.9604644775390625e-08f;  // 2^-24
@@ -94,24 +94,22 @@ inline Words4 philox4x32_10(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1, 
 }
 
 // The Philox key and counter words of (seed, offset), both taken mod 2^64 (reference/verify.py's
-// rng_words): key = seed, c3 = offset mod 2^32, c2 = kind + 2 * (offset >> 32).
+// rng_words): key = seed, (c2, c3) = offset (high, low word).
 struct Rng {
-  uint32_t k0, k1, c2_accept, c2_race, c3;
+  uint32_t k0, k1, c2, c3;
 
   Rng(int64_t seed, int64_t offset) {
     const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-    const uint32_t o_hi = static_cast<uint32_t>(o >> 32);
     k0 = static_cast<uint32_t>(s);
     k1 = static_cast<uint32_t>(s >> 32);
-    c2_accept = kKindAccept + 2u * o_hi;  // mod 2^32, as uint32 arithmetic wraps
-    c2_race = kKindRace + 2u * o_hi;
+    c2 = static_cast<uint32_t>(o >> 32);
     c3 = static_cast<uint32_t>(o);
   }
 
   // U in [0, 1) for the acceptance test of child `node` of request `b`.
   float accept(int64_t b, int64_t node) const {
     const uint32_t r = philox4x32_10(k0, k1, static_cast<uint32_t>(node), static_cast<uint32_t>(b),
-                                     c2_accept, c3).w[0];
+                                     c2, c3).w[0];
     return static_cast<float>(r >> 8) * kAcceptUlp;
   }
 };
@@ -289,8 +287,8 @@ void sampling_walk(const IndexRows& tok_rows, const IndexRows& par_rows, const a
       Words4 r{};
       for (int64_t v = 0; v < V; ++v) {
         if ((v & 3) == 0)
-          r = philox4x32_10(rng.k0, rng.k1, static_cast<uint32_t>(v >> 2), static_cast<uint32_t>(b),
-                            rng.c2_race, rng.c3);
+          r = philox4x32_10(rng.k0, rng.k1, kRaceCounterBit | static_cast<uint32_t>(v >> 2),
+                            static_cast<uint32_t>(b), rng.c2, rng.c3);
         const float e = race_exponential(r.w[v & 3]);
         const float pv = p_at(u, v);
         float w;

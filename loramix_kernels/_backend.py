@@ -114,6 +114,10 @@ def set_deterministic(enabled: bool) -> None:
     expert-sorted regime with k > 1 runs the dense form (two GEMMs over every expert), and the
     backward runs the dense masked form instead of the sorted Triton kernels (E / k times the
     FLOPs of routed-only work where E * r is large). Environment: ``LORAMIX_DETERMINISTIC=1``.
+    torch's own ops stay as torch makes them: the one that matters here is the gate matrix's
+    ``scatter_add_``, which is exact unless a token lists one expert in two slots (then its two
+    gates may add in either order on CUDA); ``torch.use_deterministic_algorithms(True)`` covers
+    that too.
     """
     global _deterministic
     _deterministic = bool(enabled)

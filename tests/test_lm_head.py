@@ -245,3 +245,22 @@ def sample_inputs(device):
         w = torch.randn(V, H, generator=g).to(dtype)
         out.append(("lm_head_topk", (h.to(device), w.to(device), k)))
     return out
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_nan_logits_rank_as_minus_inf(name, device, ctx):
+    """A row with fewer than k non-NaN logits (a NaN hidden row, NaN weights) still returns real
+    token ids in [0, V), the same on every path: NaN ranks as -inf."""
+    V, H = 40, 8
+    w = torch.full((V, H), float("nan"))
+    w[3] = 1.0
+    w[17] = 2.0
+    h = torch.ones(3, H)
+    h[2] = float("nan")  # every logit of row 2 is NaN
+    with ctx():
+        vals, idx = lm_head_topk(h.to(device), w.to(device), 4)
+    idx, vals = idx.cpu(), vals.cpu()
+    assert int(idx.max()) < V and int(idx.min()) >= 0
+    assert idx[0].tolist() == [17, 3, 0, 1] and idx[1].tolist() == [17, 3, 0, 1]
+    assert idx[2].tolist() == [0, 1, 2, 3]
+    assert vals[0, :2].tolist() == [16.0, 8.0] and bool(torch.isinf(vals[:, 2:]).all())

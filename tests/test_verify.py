@@ -37,6 +37,7 @@ from loramix_kernels import _backend, match_branch, verify_greedy, verify_sampli
 from loramix_kernels.ops import verify as verify_ops
 from loramix_kernels.reference.verify import (
     match_branch_ref,
+    rng_words,
     sanitize_parents,
     verify_greedy_ref,
     verify_sampling_literal,
@@ -881,3 +882,15 @@ def test_wide_int64_values_are_not_narrowed():
                 m = match_branch(torch.tensor([[0, 1, 2, 3]]).to(dev), la, torch.tensor([5]).to(dev),
                                  torch.tensor([[big + 3, 3]]).to(dev), torch.tensor([[5, 5]]).to(dev))
             assert m.tolist() == [1], path
+
+
+def test_offsets_differing_in_the_top_bit_are_different_streams():
+    """Every int64 offset is its own stream (taken mod 2^64): o and o + 2^63 used to share one
+    because the kind was folded into the offset's high word."""
+    assert rng_words(0, 0) != rng_words(0, -2 ** 63)
+    assert rng_words(5, -2 ** 32) != rng_words(5, 2 ** 63 - 2 ** 32)
+    assert len({rng_words(1, o) for o in (0, 1, 2 ** 32, 2 ** 63 - 1, -1, -2 ** 63)}) == 6
+    tok, par, p, q = _random_sampling_inputs(64, 5, 40, True, seed=4)
+    a = verify_sampling_ref(tok, par, p, q, 3, 0)
+    b = verify_sampling_ref(tok, par, p, q, 3, -2 ** 63)
+    assert not torch.equal(a[2], b[2])

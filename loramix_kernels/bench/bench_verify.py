@@ -72,7 +72,7 @@ def verify_sampling_separate_pass(tokens, parents, target_probs, draft_probs, se
     B, N = tokens.shape
     V = target_probs.shape[-1]
     dev = tokens.device
-    k0, k1, c2a, c2r, c3 = rng_words(seed, offset)
+    k0, k1, c2, c3 = rng_words(seed, offset)
     seed64 = (k1 << 32) | k0
     seed64 = seed64 - (1 << 64) if seed64 >= (1 << 63) else seed64
     has_q = draft_probs is not None
@@ -80,7 +80,7 @@ def verify_sampling_separate_pass(tokens, parents, target_probs, draft_probs, se
     recovered = torch.empty(B, N, dtype=torch.int32, device=dev)
     block_v = min(SEPARATE_BLOCK_V_MAX, pow2_at_least(V, 64))
     _separate_recover_kernel[(B, N)](
-        tokens, q, target_probs, recovered, N, V, seed64, c2r, c3,
+        tokens, q, target_probs, recovered, N, V, seed64, c2, c3,
         tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
         recovered.stride(0), recovered.stride(1),
         HAS_DRAFT=has_q, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
@@ -88,7 +88,7 @@ def verify_sampling_separate_pass(tokens, parents, target_probs, draft_probs, se
     acc_len = torch.empty(B, dtype=torch.int32, device=dev)
     nxt = torch.empty(B, dtype=torch.int64, device=dev)
     _separate_accept_kernel[(B,)](
-        tokens, target_probs, q, recovered, acc, acc_len, nxt, N, V, seed64, c2a, c3,
+        tokens, target_probs, q, recovered, acc, acc_len, nxt, N, V, seed64, c2, c3,
         tokens.stride(0), tokens.stride(1), *target_probs.stride(), *q.stride(),
         recovered.stride(0), recovered.stride(1), acc.stride(0), acc.stride(1),
         HAS_DRAFT=has_q, BLOCK_N=pow2_at_least(N))

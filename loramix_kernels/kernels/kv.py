@@ -69,8 +69,9 @@ def _compact_kv_moves(
     written: no step reads a row an earlier step overwrote. A row read at step j and overwritten at
     a later step j' is handled by the same threads (same [BLOCK_H, BLOCK_D] layout every step), so
     program order puts the read first. Programs never share elements: the split is across heads
-    only, never across j. Invalid entries (a_j outside [j, N), not increasing, base < 0) are
-    skipped and block ids are clamped, so no input makes the kernel leave the caches.
+    only, never across j. Invalid entries (a_j outside [j, N), not increasing, base < 0, a
+    position past the block table, a block id outside [0, num_blocks)) skip their move: no input
+    makes the kernel leave the caches or move another request's rows.
     """
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -90,10 +91,13 @@ def _compact_kv_moves(
         move = ok & (a != j)
         src = base + tl.minimum(tl.maximum(a, 0), N - 1)
         dst = base + j
-        s_blk = tl.load(bt_ptr + b * stride_tb + tl.minimum(src // block_size, max_blocks - 1) * stride_tm)
-        d_blk = tl.load(bt_ptr + b * stride_tb + tl.minimum(dst // block_size, max_blocks - 1) * stride_tm)
-        s_blk = tl.minimum(tl.maximum(s_blk.to(tl.int64), 0), num_blocks - 1)
-        d_blk = tl.minimum(tl.maximum(d_blk.to(tl.int64), 0), num_blocks - 1)
+        s_lb, d_lb = src // block_size, dst // block_size
+        s_blk = tl.load(bt_ptr + b * stride_tb + tl.minimum(s_lb, max_blocks - 1) * stride_tm).to(tl.int64)
+        d_blk = tl.load(bt_ptr + b * stride_tb + tl.minimum(d_lb, max_blocks - 1) * stride_tm).to(tl.int64)
+        move = (move & (s_lb < max_blocks) & (d_lb < max_blocks) & (s_blk >= 0) & (s_blk < num_blocks)
+                & (d_blk >= 0) & (d_blk < num_blocks))
+        s_blk = tl.minimum(tl.maximum(s_blk, 0), num_blocks - 1)  # addresses stay in bounds even
+        d_blk = tl.minimum(tl.maximum(d_blk, 0), num_blocks - 1)  # where the move is masked off
         s_row = s_blk * stride_kb + (src % block_size) * stride_ks
         d_row = d_blk * stride_kb + (dst % block_size) * stride_ks
         # (an explicit broadcast: the interpreter rejects a block mask & a scalar mask)

@@ -67,6 +67,9 @@ def _lm_head_topk_partial_kernel(
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
+        # NaN ranks as -inf (as on the CPU paths): a NaN is never inserted by the compares below,
+        # and then the sentinels (index >= V) would be returned as token ids.
+        acc = tl.where(acc == acc, acc, float("-inf"))
 
         # Merge the tile into the running top-K.
         worst = tl.min(run_v, axis=1)

@@ -103,7 +103,9 @@ def _race_bits(seed, v0, b32, c2, c3, QV: tl.constexpr):
     """Philox words for vocabulary entries v0 + 4 i + k as a [QV, 4] tile (output k of counter
     v0 / 4 + i): one Philox call yields four entries' randomness. ``b32``, ``c2``, ``c3`` are
     uint32 scalars, ``seed`` the uint64 key."""
-    ctr = (v0 // 4 + tl.arange(0, QV)).to(tl.uint32)
+    # The race's counters have the top bit set (reference.verify.RACE_COUNTER_BIT): acceptance
+    # counters are node indices, below 2^31, and so is v0 / 4.
+    ctr = (v0 // 4 + tl.arange(0, QV)).to(tl.uint32) | (tl.full([QV], 1, tl.uint32) << 31)
     z = ctr * 0
     r0, r1, r2, r3 = tl.philox(seed, ctr, z + b32, z + c2, z + c3)
     k4 = tl.arange(0, 4)[None, :]
@@ -112,9 +114,9 @@ def _race_bits(seed, v0, b32, c2, c3, QV: tl.constexpr):
 
 
 @triton.jit
-def _race_tile_best(w, m, offs, seed, v0, b32, c2_race, c3, QV: tl.constexpr):
+def _race_tile_best(w, m, offs, seed, v0, b32, c2, c3, QV: tl.constexpr):
     """Exponential race over one [QV, 4] vocabulary tile: (max of w / E, lowest index at the max)."""
-    bits = _race_bits(seed, v0, b32, c2_race, c3, QV)
+    bits = _race_bits(seed, v0, b32, c2, c3, QV)
     e = -tl.log(((bits >> 9).to(tl.float32) + 0.5) * _RACE_ULP)
     # Flattened to 1-D so each tile costs two reductions (max, then lowest index at the max).
     key = tl.reshape(tl.where(m, w / e, -1.0), [4 * QV])
@@ -137,10 +139,10 @@ def _residual_mass(p_row, q_row, c, V, stride_pv, stride_qv, QV: tl.constexpr):
     return tl.sum(tl.reshape(acc, [4 * QV]), axis=0)
 
 
-@triton.jit(do_not_specialize=["key0", "key1", "c2_accept", "c2_race", "c3"])
+@triton.jit(do_not_specialize=["key0", "key1", "c2", "c3"])
 def _verify_sampling_kernel(
     tokens_ptr, parents_ptr, p_ptr, q_ptr, acc_idx_ptr, acc_len_ptr, next_ptr,
-    N, V, key0, key1, c2_accept, c2_race, c3,
+    N, V, key0, key1, c2, c3,
     stride_tb, stride_tn, stride_rb, stride_rn,
     stride_pb, stride_pn, stride_pv, stride_qb, stride_qn, stride_qv,
     stride_ab, stride_an, stride_lb, stride_xb,
@@ -163,13 +165,12 @@ def _verify_sampling_kernel(
     per-tile test (a [BLOCK_N] reduction) finds the rare tiles holding one, which then loop over
     the nodes.
 
-    Random words: ``key0, key1, c2_accept, c2_race, c3`` are the uint32 words of
+    Random words: ``key0, key1, c2, c3`` are the uint32 words of
     ``reference.verify.rng_words(seed, offset)`` passed as signed int32 (never specialised), so
     every int64 seed and offset runs the same compiled kernel.
     """
     seed = _philox_seed(key0, key1)
-    c2_accept = _u32(c2_accept)
-    c2_race = _u32(c2_race)
+    c2 = _u32(c2)
     c3 = _u32(c3)
     pid = tl.program_id(0)
     b = pid.to(tl.int64)
@@ -189,7 +190,7 @@ def _verify_sampling_kernel(
     # Acceptance uniforms of every node at once (counter c0 = node): one Philox call, not one per
     # tested child.
     zn = idx.to(tl.uint32) * 0
-    r_acc = tl.philox(seed, idx.to(tl.uint32), zn + b32, zn + c2_accept, zn + c3)[0]
+    r_acc = tl.philox(seed, idx.to(tl.uint32), zn + b32, zn + c2, zn + c3)[0]
     u_all = (r_acc >> 8).to(tl.float32) * _ACCEPT_ULP  # U in [0, 1)
     go = zero == 0
     while go:
@@ -252,7 +253,7 @@ def _verify_sampling_kernel(
                 for jj in range(1, N):
                     tj = tl.max(tl.where(idx == jj, kid_tok, -1), axis=0)
                     w = tl.where(offs == tj, 0.0, w)
-        t_best, t_i = _race_tile_best(w, m, offs, seed, v0, b32, c2_race, c3, QV)
+        t_best, t_i = _race_tile_best(w, m, offs, seed, v0, b32, c2, c3, QV)
         upd = t_best > best
         best = tl.where(upd, t_best, best)
         best_i = tl.where(upd, t_i, best_i)
@@ -265,7 +266,7 @@ def _verify_sampling_kernel(
             offs = v0 + offs0
             m = offs < V
             p = tl.load(p_row + offs.to(tl.int64) * stride_pv, mask=m, other=0.0).to(tl.float32)
-            t_best, t_i = _race_tile_best(p, m, offs, seed, v0, b32, c2_race, c3, QV)
+            t_best, t_i = _race_tile_best(p, m, offs, seed, v0, b32, c2, c3, QV)
             upd = t_best > best_p
             best_p = tl.where(upd, t_best, best_p)
             out = tl.where(upd, t_i, out)
@@ -317,7 +318,7 @@ def _match_branch_kernel(
 
 @triton.jit
 def _separate_recover_kernel(
-    tokens_ptr, q_ptr, p_ptr, rec_ptr, N, V, seed, c2_race, c3,
+    tokens_ptr, q_ptr, p_ptr, rec_ptr, N, V, seed, c2, c3,
     stride_tb, stride_tn, stride_pb, stride_pn, stride_pv, stride_qb, stride_qn, stride_qv,
     stride_rb, stride_rn,
     HAS_DRAFT: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -355,7 +356,7 @@ def _separate_recover_kernel(
 @triton.jit
 def _separate_accept_kernel(
     tokens_ptr, p_ptr, q_ptr, rec_ptr, acc_idx_ptr, acc_len_ptr, next_ptr,
-    N, V, seed, c2_accept, c3,
+    N, V, seed, c2, c3,
     stride_tb, stride_tn, stride_pb, stride_pn, stride_pv, stride_qb, stride_qn, stride_qv,
     stride_rb, stride_rn, stride_ab, stride_an,
     HAS_DRAFT: tl.constexpr, BLOCK_N: tl.constexpr,

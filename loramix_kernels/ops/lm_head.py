@@ -127,7 +127,7 @@ def lm_head_topk(hidden, weight, k):
     The early-exit candidates of Mirror-SD: ``lm_head_topk(h_layer, lm_head.weight, kappa)``.
     Logits are computed with fp32 accumulation; the k are ordered by value, descending, and a tie
     goes to the lower vocabulary index (on every backend; ``torch.topk`` leaves the order among
-    ties unspecified). NaN logits are not ranked (unspecified).
+    ties unspecified). A NaN logit ranks as -inf (every path): indices are always real ids in [0, V).
 
     Parameters
     ----------

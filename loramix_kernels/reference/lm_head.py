@@ -42,6 +42,7 @@ def lm_head_topk_ref(hidden, weight, k, chunk=None):
     for v0 in range(0, V, _chunk(M, k, chunk)):
         w = weight[v0: v0 + _chunk(M, k, chunk)]
         logits = h @ w.float().T
+        logits.masked_fill_(logits.isnan(), float("-inf"))  # NaN ranks as -inf on every path
         order = logits.sort(dim=1, descending=True, stable=True).indices[:, :k]
         run_v, run_i = _merge(run_v, run_i, logits.gather(1, order), order + v0, k)
     if run_v is None:  # V == 0 (rejected by the op's validation; kept total for direct calls)
@@ -65,6 +66,7 @@ def lm_head_topk_cpu(hidden, weight, k, chunk=None):
     vals, idxs = [], []
     for v0 in range(0, V, c):
         logits = h @ weight[v0: v0 + c].float().T
+        logits.masked_fill_(logits.isnan(), float("-inf"))  # NaN ranks as -inf on every path
         kc = min(k, logits.shape[1])
         v, i = logits.topk(kc, dim=1)
         if M:

@@ -33,10 +33,12 @@ distribution after ``k`` rejected children is kept as a scalar state instead of 
   normalisation pass. If ``w`` has no mass left (possible only by rounding), the race falls back
   to ``p`` with the same ``E``.
 
-Randomness: Philox4x32-10 keyed by ``seed`` (mod 2^64), counter ``(c0, c1 = request, c2, c3)``:
-``c3 = offset mod 2^32``, ``c2 = kind + 2 * (offset >> 32)``; kind 0 = the acceptance uniform of
-child node ``c0``, kind 1 = the race, whose element ``v`` uses output ``v % 4`` of counter
-``c0 = v // 4``. Every (request, node, draw) gets its own counter, so requests are independent.
+Randomness: Philox4x32-10 keyed by ``seed`` (mod 2^64), counter ``(c0, c1 = request, c2, c3)``
+with ``(c2, c3) = offset`` (mod 2^64: high and low words, so every int64 offset is its own
+stream); the acceptance uniform of child node ``i`` uses ``c0 = i``, and the race's element ``v``
+uses output ``v % 4`` of ``c0 = 2^31 + v // 4`` (the top bit of c0 tells the two kinds apart:
+node indices and ``V / 4`` stay below 2^31). Every (request, node, draw) gets its own counter, so
+requests are independent.
 Uniforms: acceptance ``U = (r >> 8) * 2^-24`` in [0, 1); race ``U = ((r >> 9) + 0.5) * 2^-23``
 in (0, 1), ``E = -log U > 0``. Both are exact in fp32 (a 24-bit significand holds every multiple of
 2^-24 in [0, 1)), so every path computes the same floats from the same words.
@@ -55,7 +57,8 @@ import torch
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _M32 = 0xFFFFFFFF
-KIND_ACCEPT, KIND_RACE = 0, 1
+#: Set in the race's counter word c0 (acceptance counters are node indices, below 2^31).
+RACE_COUNTER_BIT = 1 << 31
 #: Acceptance uniforms: the top 24 bits of a Philox word times 2^-24.
 ACCEPT_ULP = 2.0 ** -24
 #: Race uniforms: the top 23 bits plus half a step, times 2^-23 (never 0, never 1).
@@ -63,12 +66,10 @@ RACE_ULP = 2.0 ** -23
 
 
 def rng_words(seed: int, offset: int):
-    """(key0, key1, c2 for kind 0, c2 for kind 1, c3) as Python ints in [0, 2^32), for any int
-    ``seed`` and ``offset`` (taken mod 2^64: an int64 -1 is 2^64 - 1)."""
+    """(key0, key1, c2, c3) as Python ints in [0, 2^32), for any int ``seed`` and ``offset``
+    (taken mod 2^64: an int64 -1 is 2^64 - 1): the key is the seed, (c2, c3) the offset."""
     s, o = seed & ((1 << 64) - 1), offset & ((1 << 64) - 1)
-    o_hi = o >> 32
-    return (s & _M32, s >> 32, (KIND_ACCEPT + 2 * o_hi) & _M32, (KIND_RACE + 2 * o_hi) & _M32,
-            o & _M32)
+    return s & _M32, s >> 32, o >> 32, o & _M32
 
 
 def _mulhilo(a: int, b: torch.Tensor):
@@ -92,17 +93,17 @@ def philox4x32(key0: int, key1: int, c0, c1, c2, c3, rounds: int = 10):
 
 def accept_uniform(words, b: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
     """U in [0, 1) (fp32) of the acceptance test of child ``node`` in request ``b``."""
-    k0, k1, c2a, _, c3 = words
-    r = philox4x32(k0, k1, node.long(), b.long(), c2a, c3)[0]
+    k0, k1, c2, c3 = words
+    r = philox4x32(k0, k1, node.long(), b.long(), c2, c3)[0]
     return (r >> 8).to(torch.float32) * ACCEPT_ULP
 
 
 def race_exponentials(words, b: torch.Tensor, V: int) -> torch.Tensor:
     """E ~ Exp(1) (fp32) ``[len(b), V]`` for the final race of requests ``b``."""
-    k0, k1, _, c2r, c3 = words
+    k0, k1, c2, c3 = words
     V4 = (V + 3) // 4
-    ctr = torch.arange(V4, device=b.device, dtype=torch.int64)[None, :]
-    r = torch.stack(philox4x32(k0, k1, ctr, b.long()[:, None], c2r, c3), dim=-1)  # [R, V4, 4]
+    ctr = RACE_COUNTER_BIT + torch.arange(V4, device=b.device, dtype=torch.int64)[None, :]
+    r = torch.stack(philox4x32(k0, k1, ctr, b.long()[:, None], c2, c3), dim=-1)  # [R, V4, 4]
     r = r.reshape(b.shape[0], 4 * V4)[:, :V]
     u = ((r >> 9).to(torch.float32) + 0.5) * RACE_ULP
     return -torch.log(u)
