@@ -82,6 +82,19 @@ def strided(t):
     return view
 
 
+def strided_outer(t):
+    """A view with ``t``'s values whose OUTERMOST dimension is strided (every other row of a twice
+    as tall buffer) and whose innermost stays contiguous: catches a kernel that derives an outer
+    stride from the sizes instead of reading it (which :func:`strided` alone would not)."""
+    if isinstance(t, (list, tuple)):
+        return type(t)(strided_outer(u) for u in t)
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    pad = torch.zeros(2 * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
+    pad[::2] = t
+    return pad[::2]
+
+
 @contextlib.contextmanager
 def value_checks_off():
     """Run with the kernels' value checks switched off, as on CUDA by default: bad indices reach

@@ -8,8 +8,8 @@ kernels, and the Triton kernels: on CUDA, or under the interpreter on CPU), thro
 * ``torch.compile(fullgraph=True)`` with the default inductor backend, which checks that the fake
   kernel's output strides equal the real kernel's: forward, and forward + backward for the
   differentiable ops;
-* strided views of every tensor argument (1-D ones included) against the contiguous call: a kernel
-  that ignores a stride reads the wrong element;
+* strided views of every tensor argument (1-D ones included; innermost and outermost dimension
+  strided) against the contiguous call: a kernel that ignores a stride reads the wrong element;
 * the docstring examples of every public module (doctest), on the default backend.
 """
 
@@ -24,7 +24,7 @@ import torch
 import loramix_kernels
 from loramix_kernels.ops._registry import OPS
 
-from tests.common import TOL, backends, strided, to_device
+from tests.common import TOL, backends, strided, strided_outer, to_device
 
 FAMILIES = ("routed_lora", "tree", "verify", "kv", "kv_cache_ops", "lm_head", "routing")
 
@@ -104,12 +104,13 @@ def test_opcheck(backend, device, ctx, name, i):
 
 @pytest.mark.parametrize("backend, device, ctx", backends())
 @pytest.mark.parametrize("name, i", PARAMS)
-def test_strided_views(backend, device, ctx, name, i):
+@pytest.mark.parametrize("view", [strided, strided_outer], ids=["inner", "outer"])
+def test_strided_views(backend, device, ctx, name, i, view):
     args = _get(device, name, i)
     with ctx():
         a = _clone(args)
         want = _results(name, a, OPS[name].op(*a))
-        s = strided(_clone(args))
+        s = view(_clone(args))
         got = _results(name, s, OPS[name].op(*s))
     _assert_same(got, want)
 

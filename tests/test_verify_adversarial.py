@@ -310,7 +310,9 @@ REFS = {"verify_greedy": verify_greedy_ref, "verify_sampling": verify_sampling_r
 def _compact_sanitised(k, v, bt, seq, acc, ln):
     """compact_kv_ on unchecked values, as the kernel documents it (kernels/kv.py): entries off
     the strictly increasing path in [j, N) are skipped, base < 0 skips the request, accept_len is
-    clamped to N - 1, block indices and ids are clamped; moves in increasing j."""
+    clamped to N - 1; a move whose position lies past the block table or whose block id lies
+    outside [0, num_blocks) is skipped (never clamped into another request's block); moves in
+    increasing j."""
     k, v = k.clone(), v.clone()
     Bq, Nq = acc.shape
     nb, bs = k.shape[:2]
@@ -328,8 +330,11 @@ def _compact_sanitised(k, v, bt, seq, acc, ln):
             if a == j:
                 continue
             src, dst = base + a, base + j
-            sb = min(max(int(bt[b, min(src // bs, mb - 1)]), 0), nb - 1)
-            db = min(max(int(bt[b, min(dst // bs, mb - 1)]), 0), nb - 1)
+            if src // bs >= mb or dst // bs >= mb:
+                continue
+            sb, db = int(bt[b, src // bs]), int(bt[b, dst // bs])
+            if not (0 <= sb < nb and 0 <= db < nb):
+                continue
             for c in (k, v):
                 c[db, dst % bs] = c[sb, src % bs]
     return k, v
