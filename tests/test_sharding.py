@@ -130,6 +130,20 @@ def test_expand_out_dtype_and_strides(out_dtype):
     assert_close(out, oracle_expand(h, B, ids, g, 2.0) + base.cpu().double(), torch.bfloat16)
 
 
+@requires_triton
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2])
+def test_triton_splits(splits, k):
+    """d_in chunks of the shrink (fp32 atomics into h) and column shares of the expand give the
+    same result, across two launches of slice groups (4 slices)."""
+    x, A, B, ids, g = make_case(9, 100, [8, 4, 16, 2], [40, 24, 33, 7], 6, k, torch.bfloat16, TRITON_DEVICE)
+    h = sh.routed_lora_shrink_triton(x, A, ids, splits=splits)
+    assert_close(h, oracle_shrink(x, A, ids), torch.bfloat16)
+    out = torch.zeros(9, 104, device=TRITON_DEVICE)
+    sh.routed_lora_expand_inplace_triton(out, h, B, ids, g, 0.5, splits=splits)
+    assert_close(out, oracle_expand(h, B, ids, g, 0.5), torch.bfloat16)
+
+
 def test_dense_forms_match_reference():
     x, A, B, ids, g = make_case(11, 16, [3, 5], [7, 4], 6, 3, torch.float64)
     h = routed_lora_shrink_ref(x, A, ids)

@@ -10,9 +10,10 @@ weights are read. Up to three slices per launch (slot ``j`` has its own pointers
 strides from ``ops.routed_lora.slice_kwargs`` plus ``h{j}_ptr``, the view ``h[s]``); the slice is
 the fastest-varying program index, so the slice programs of a block share its x / h rows in L2.
 
-``_routed_lora_shrink_kernel``  grid ``blocks * NUM_SLICES``
+``_routed_lora_shrink_kernel``  grid ``blocks * KSPLIT * NUM_SLICES``
     h[s, tok, slot, :r_s] = x[tok] @ A_s[e]^T in fp32 (the buffer is zeroed by the launcher: empty
-    slots and columns past r_s stay 0). Full d_in per program.
+    slots and columns past r_s stay 0). At decode (few blocks) d_in is cut into KSPLIT chunks whose
+    partial sums are added with fp32 atomics, so that no program reads all of A_s[e].
 ``_routed_lora_expand_kernel``  grid ``blocks * NSPLIT * NUM_SLICES``
     y[tok, col_s + n] += (scaling * g) h[s, tok, slot, :r_s] @ B_s[e]^T over the share's column
     tiles; fp32 atomics into an fp32 target when k > 1 (a token's slots are rows of different
@@ -40,15 +41,19 @@ def _pair_rows(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr, order_ptr, K, 
 
 
 @triton.jit
-def _shrink_store(x_ptr, h_ptr, tok, slot, rmask, a_ptr, e, D_IN, stride_xt, stride_xk,
+def _shrink_store(x_ptr, h_ptr, tok, slot, rmask, a_ptr, e, k_lo, k_hi, D_IN, stride_xt, stride_xk,
                   stride_ae, stride_ar, stride_ak, stride_ht, stride_hk, stride_hr,
                   R, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                  DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    h = _shrink_rows(x_ptr, tok, rmask, a_ptr, e, 0, D_IN, D_IN, stride_xt, stride_xk, stride_ae,
+                  ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    h = _shrink_rows(x_ptr, tok, rmask, a_ptr, e, k_lo, k_hi, D_IN, stride_xt, stride_xk, stride_ae,
                      stride_ar, stride_ak, R, RP, BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
     i = tl.arange(0, RP)
     hp = h_ptr + tok[:, None] * stride_ht + slot[:, None] * stride_hk + i[None, :].to(tl.int64) * stride_hr
-    tl.store(hp, h, mask=rmask[:, None] & (i < R)[None, :])
+    hmask = rmask[:, None] & (i < R)[None, :]
+    if ATOMIC:  # a d_in chunk's partial sum (decode split-K) into the zeroed fp32 h
+        tl.atomic_add(hp, h, mask=hmask)
+    else:
+        tl.store(hp, h, mask=hmask)
 
 
 @triton.jit
@@ -56,35 +61,39 @@ def _routed_lora_shrink_kernel(
     x_ptr, h0_ptr, h1_ptr, h2_ptr,
     order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
     a0_ptr, a1_ptr, a2_ptr,
-    D_IN, E, K, r0, r1, r2,
+    D_IN, K_CHUNK, E, K, r0, r1, r2,
     stride_xt, stride_xk, stride_ht, stride_hk, stride_hr,
     stride_a0e, stride_a0r, stride_a0k, stride_a1e, stride_a1r, stride_a1k,
     stride_a2e, stride_a2r, stride_a2k,
     NUM_SLICES: tl.constexpr, RP0: tl.constexpr, RP1: tl.constexpr, RP2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KSPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_b = pid // NUM_SLICES
     s = pid % NUM_SLICES
+    pid_k = (pid // NUM_SLICES) % KSPLIT
+    pid_b = pid // (NUM_SLICES * KSPLIT)
+    k_lo = pid_k * K_CHUNK
+    k_hi = tl.minimum(D_IN, k_lo + K_CHUNK)
     # Fixed upper-bound grid: blocks past the real count hold no rows and leave at once.
     if tl.load(blk_expert_ptr + pid_b) >= E:
         return
     e, tok, slot, rmask = _pair_rows(pid_b, blk_expert_ptr, blk_start_ptr, blk_end_ptr, order_ptr,
                                      K, E, BLOCK_M)
     if s == 0:
-        _shrink_store(x_ptr, h0_ptr, tok, slot, rmask, a0_ptr, e, D_IN, stride_xt, stride_xk,
+        _shrink_store(x_ptr, h0_ptr, tok, slot, rmask, a0_ptr, e, k_lo, k_hi, D_IN, stride_xt, stride_xk,
                       stride_a0e, stride_a0r, stride_a0k, stride_ht, stride_hk, stride_hr, r0, RP0,
-                      BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
+                      BLOCK_M, BLOCK_K, KSPLIT > 1, DOT_FP32, IEEE)
     if NUM_SLICES > 1:
         if s == 1:
-            _shrink_store(x_ptr, h1_ptr, tok, slot, rmask, a1_ptr, e, D_IN, stride_xt, stride_xk,
+            _shrink_store(x_ptr, h1_ptr, tok, slot, rmask, a1_ptr, e, k_lo, k_hi, D_IN, stride_xt, stride_xk,
                           stride_a1e, stride_a1r, stride_a1k, stride_ht, stride_hk, stride_hr, r1,
-                          RP1, BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
+                          RP1, BLOCK_M, BLOCK_K, KSPLIT > 1, DOT_FP32, IEEE)
     if NUM_SLICES > 2:
         if s == 2:
-            _shrink_store(x_ptr, h2_ptr, tok, slot, rmask, a2_ptr, e, D_IN, stride_xt, stride_xk,
+            _shrink_store(x_ptr, h2_ptr, tok, slot, rmask, a2_ptr, e, k_lo, k_hi, D_IN, stride_xt, stride_xk,
                           stride_a2e, stride_a2r, stride_a2k, stride_ht, stride_hk, stride_hr, r2,
-                          RP2, BLOCK_M, BLOCK_K, DOT_FP32, IEEE)
+                          RP2, BLOCK_M, BLOCK_K, KSPLIT > 1, DOT_FP32, IEEE)
 
 
 @triton.jit

@@ -175,9 +175,11 @@ def _h_kwargs(h, idx):
     return {f"h{j}_ptr": h[s] for j, s in enumerate(pad)}
 
 
-def routed_lora_shrink_triton(x, lora_a, expert_ids):
+def routed_lora_shrink_triton(x, lora_a, expert_ids, *, splits=None):
     """h = zeros ``[S, T, k, r_max]`` fp32, then one ``_routed_lora_shrink_kernel`` launch per group
-    of <= 3 slices over the expert-sorted pairs (``sort_pairs``, no host sync). float64: PyTorch."""
+    of <= 3 slices over the expert-sorted pairs (``sort_pairs``, no host sync). At decode d_in is
+    split ``decode_shares`` ways (fp32 atomics into h; none in deterministic mode); ``splits``
+    overrides the number of d_in chunks (tests). float64: PyTorch."""
     if x.dtype == torch.float64:
         return routed_lora_shrink_cpu(x, lora_a, expert_ids)
     from ..kernels.sharding import _routed_lora_shrink_kernel
@@ -190,24 +192,32 @@ def routed_lora_shrink_triton(x, lora_a, expert_ids):
     if P == 0 or d_in == 0:
         return h
     block_m = sorted_block_m(P, E)
+    block_k = 32 if _backend.INTERPRET else 64
     meta = sort_pairs(expert_ids, E, block_m)
     num = kernel_numerics(x.dtype)
+    est_blocks = max(cdiv(P, block_m), min(E, P))
     for idx in _groups(len(lora_a)):
-        _routed_lora_shrink_kernel[(meta[-1] * len(idx),)](
-            x_ptr=x, **_h_kwargs(h, idx), **sorted_meta_kwargs(meta), D_IN=d_in, E=E, K=K,
+        ksplit = 1 if _backend.deterministic() else (
+            splits or decode_shares(x, est_blocks * len(idx), cdiv(d_in, block_k)))
+        k_chunk = cdiv(cdiv(d_in, ksplit), block_k) * block_k
+        ksplit = cdiv(d_in, k_chunk)
+        _routed_lora_shrink_kernel[(meta[-1] * ksplit * len(idx),)](
+            x_ptr=x, **_h_kwargs(h, idx), **sorted_meta_kwargs(meta), D_IN=d_in, K_CHUNK=k_chunk,
+            KSPLIT=ksplit, E=E, K=K,
             stride_xt=x.stride(0), stride_xk=x.stride(1), stride_ht=h.stride(1),
             stride_hk=h.stride(2), stride_hr=h.stride(3), BLOCK_M=block_m,
-            BLOCK_K=32 if _backend.INTERPRET else 64, DOT_FP32=num["DOT_FP32"], IEEE=num["IEEE"],
+            BLOCK_K=block_k, DOT_FP32=num["DOT_FP32"], IEEE=num["IEEE"],
             num_warps=8 if block_m >= 64 else 4,
             **slice_kwargs(lora_a, lora_a, idx, b=False, cols=False))
     return h
 
 
-def routed_lora_expand_inplace_triton(out, h, lora_b, expert_ids, gates, scaling):
+def routed_lora_expand_inplace_triton(out, h, lora_b, expert_ids, gates, scaling, *, splits=None):
     """``out += y``: one ``_routed_lora_expand_kernel`` launch per group of <= 3 slices over the
     expert-sorted pairs; k > 1 adds with fp32 atomics (into ``out`` if fp32, else into an fp32
     workspace added to ``out`` once), k == 1 reads, adds and stores ``out`` directly. float64, and
-    k > 1 in deterministic mode: the PyTorch kernel."""
+    k > 1 in deterministic mode: the PyTorch kernel. ``splits`` overrides the column shares per
+    block (NSPLIT; tests)."""
     T, K = expert_ids.shape
     E = lora_b[0].shape[0]
     if (h.dtype == torch.float64 or lora_b[0].dtype == torch.float64 or out.dtype == torch.float64
@@ -230,7 +240,7 @@ def routed_lora_expand_inplace_triton(out, h, lora_b, expert_ids, gates, scaling
     est_blocks = max(cdiv(P, block_m), min(E, P))
     ranks_view = [b.transpose(1, 2) for b in lora_b]  # [E, r, n]: slice_kwargs reads r from dim 1
     for idx in _groups(len(lora_b)):
-        nsplit = decode_shares(out, est_blocks * len(idx), n_tiles)
+        nsplit = splits or decode_shares(out, est_blocks * len(idx), n_tiles)
         _routed_lora_expand_kernel[(meta[-1] * nsplit * len(idx),)](
             y_ptr=dst, **_h_kwargs(h, idx), gates_ptr=gates, **sorted_meta_kwargs(meta), E=E, K=K,
             stride_yt=dst.stride(0), stride_yn=dst.stride(1), stride_ht=h.stride(1),
