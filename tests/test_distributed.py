@@ -105,7 +105,6 @@ PLAN = {"up": "column", "down": "row"}
 
 def _tp_worker(rank, world, routing):
     from loramix_kernels import distributed as D
-    from loramix_kernels.ops.routed_lora import routed_lora  # noqa: F401
 
     full = make_model(routing=routing)
     tp = copy.deepcopy(full)
@@ -145,8 +144,8 @@ def _tp_worker(rank, world, routing):
     assert tp.down.comm_bytes["base"] == T * 12 * 4  # the base layer's own all-reduce
     assert all(v == 0 for v in tp.up.comm_bytes.values()), tp.up.comm_bytes
     tp.down.reset_comm_bytes()
-    with torch.no_grad():
-        tp(x)
+    with torch.no_grad():  # inference path: fused routed_lora in the column layer
+        close(tp(x), y_full.detach(), "forward without autograd")
     assert tp.down.comm_bytes["lora"] == T * k * r * 4
 
     # backward: every sharded gradient equals its slice of the unsharded gradient

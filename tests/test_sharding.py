@@ -16,8 +16,8 @@ from loramix_kernels.ops.routed_lora import routed_lora, routed_lora_add_
 from loramix_kernels.ops.sharding import routed_lora_expand, routed_lora_expand_, routed_lora_shrink
 from loramix_kernels.reference.sharding import (expand_dense, routed_lora_expand_ref,
                                                 routed_lora_shrink_ref, shrink_dense)
-from tests.common import (TOL, TRITON_DEVICE, assert_close, backends, requires_triton, strided,
-                          to_device, triton_path)
+from tests.common import (TRITON_DEVICE, assert_close, backends, requires_triton, strided,
+                          triton_path)
 
 
 def oracle_shrink(x, lora_a, ids):
@@ -142,6 +142,20 @@ def test_triton_splits(splits, k):
     out = torch.zeros(9, 104, device=TRITON_DEVICE)
     sh.routed_lora_expand_inplace_triton(out, h, B, ids, g, 0.5, splits=splits)
     assert_close(out, oracle_expand(h, B, ids, g, 0.5), torch.bfloat16)
+
+
+def test_autocast_keeps_h_fp32():
+    """Under autocast x / lora_a / lora_b run in the autocast dtype, h stays fp32, gates as given,
+    and fp32 master weights get fp32 gradients."""
+    x, A, B, ids, g = make_case(6, 16, [4], [8], 4, 2, torch.float32)
+    A = [a.requires_grad_(True) for a in A]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = routed_lora_shrink(x, A, ids)
+        y = routed_lora_expand(h, B, ids, g, 0.5)
+    assert h.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert_close(y, oracle_expand(oracle_shrink(x, A, ids), B, ids, g, 0.5), torch.bfloat16)
+    y.float().sum().backward()
+    assert A[0].grad.dtype == torch.float32
 
 
 def test_dense_forms_match_reference():

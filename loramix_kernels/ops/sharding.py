@@ -19,7 +19,11 @@ accumulation everywhere (float64 inputs: float64, on the PyTorch kernels); h is 
 float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 / fp32
 weights and keeps it fp32 for fp16, as routed_lora does; ``out += y`` is formed in fp32 and rounded
 once. Deterministic mode (``set_deterministic``): the expand with k > 1 adds a token's slots with
-fp32 atomics, so it runs the PyTorch dense form instead. Importing this module does not import
+fp32 atomics, so it runs the PyTorch dense form instead. Isolation: the forward kernels read only
+the routed experts' weights (Triton: expert-sorted blocks; CPU: the dense expand is checked for
+non-finite results and redone per slot), so an unrouted expert's inf / NaN does not reach a token;
+known gap: the dense backward multiplies an unrouted expert's weights by 0, so their inf / NaN can
+reach dx / dh (as routed_lora's dense backward on CUDA). Importing this module does not import
 triton.
 """
 
