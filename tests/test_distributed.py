@@ -135,6 +135,10 @@ def _tp_worker(rank, world, routing):
         for i in range(world):
             assert torch.equal(all_ids[i], ids), f"{name}: expert ids differ between ranks 0..{world}"
             assert torch.equal(all_g[i], gates), f"{name}: gates differ between ranks"
+        probs = m_tp.last_router_probs.detach().contiguous()
+        all_p = [torch.empty_like(probs) for _ in range(world)]
+        dist.all_gather(all_p, probs)
+        assert all(torch.equal(p, probs) for p in all_p), f"{name}: router probabilities differ between ranks"
     # bytes all-reduced: the LoRA part of the row layer is exactly T*k*r*4 (k: the routed slots,
     # all E experts in soft routing); column layer: none
     k = tp.down.last_gates.shape[1]
@@ -164,6 +168,9 @@ def _tp_worker(rank, world, routing):
     close(dn.router_bias.grad, fd.router.bias.grad, "down.router_bias")
     assert up.weight.grad is None and dn.weight.grad is None  # frozen bases
 
+    # a single layer through shard_mixer (plan given as a string)
+    row = D.shard_mixer(full.down, None, "row")[""]
+    assert isinstance(row, D.RowParallelLoRAMixerLinear) and (row.lo, row.hi) == D.shard_bounds(18, world, rank)
     # a column layer alone with gather_output: the full output on every rank
     col = D.ColumnParallelLoRAMixerLinear(full.up, gather_output=True)
     with torch.no_grad():
@@ -315,6 +322,20 @@ def test_shard_mixer_bad_plan():
         D.shard_mixer(model, None, {"up": "diagonal"})
     with pytest.raises(ValueError, match="shard_mixer: plan"):
         D.shard_mixer(model, None, None)
+
+
+def test_unsupported_layers_raise():
+    from loramix_kernels import distributed as D
+    from loramix_kernels import nn as lnn
+
+    hard = lnn.LoRAMixerLinear(nn.Linear(4, 6), 3, 2, 1, routing="hard")
+    with pytest.raises(ValueError, match="ColumnParallelLoRAMixerLinear: routing 'hard'"):
+        D.ColumnParallelLoRAMixerLinear(hard)
+    arrow = lnn.LoRAMixerLinear(nn.Linear(4, 6), 3, 2, 1, router_kind="arrow")
+    with pytest.raises(ValueError, match="RowParallelLoRAMixerLinear: router_kind 'arrow'"):
+        D.RowParallelLoRAMixerLinear(arrow)
+    with pytest.raises(TypeError, match="must be a LoRAMixerLinear"):
+        D.RowParallelLoRAMixerLinear(nn.Linear(4, 6))
 
 
 def test_shard_bounds():
