@@ -237,5 +237,37 @@ def main(name):
         fn()
 
 
+
+def sharding_cases():
+    """routed_lora_shrink / routed_lora_expand_ (ops/sharding.py): issue-A shapes at a 1/2 shard
+    (q/k/v 2048/512/512), decode (BLOCK_M 16, column shares) and prefill (BLOCK_M 64), k = 2 (fp32
+    atomics into a workspace) and k = 1 (read-add-store into out), bf16 and fp16 (fp32 h into the
+    expand)."""
+    from loramix_kernels.ops import sharding as sh
+
+    def case(T, E, r, k, widths, dt=torch.bfloat16, d_in=4096):
+        def go():
+            x = torch.zeros(T, d_in, dtype=dt)
+            A = [torch.zeros(E, r, d_in, dtype=dt) for _ in widths]
+            B = [torch.zeros(E, n, r, dtype=dt) for n in widths]
+            ids = torch.arange(T * k, dtype=torch.int32).view(T, k) % E
+            gates = torch.zeros(T, k)
+            h = sh.routed_lora_shrink_triton(x, A, ids)
+            sh.routed_lora_expand_inplace_triton(torch.zeros(T, sum(widths), dtype=dt), h, B, ids, gates, 1.0)
+        return go
+
+    half = [2048, 512, 512]
+    return [case(16, 8, 16, 2, half), case(2048, 8, 16, 2, half), case(2048, 8, 16, 1, half),
+            case(16, 64, 64, 2, [4096]), case(16, 8, 16, 2, half, torch.float16),
+            case(2048, 8, 16, 2, half, torch.float16)]
+
+
+_scenarios_before_sharding = scenarios
+
+
+def scenarios():  # noqa: F811  (the family scenarios above, plus sharding)
+    return {**_scenarios_before_sharding(), "sharding": sharding_cases()}
+
+
 if __name__ == "__main__":
     main(sys.argv[1])

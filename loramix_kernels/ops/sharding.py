@@ -1,0 +1,408 @@
+"""routed_lora's two halves as ops of their own, for tensor parallelism (docs/API.md, "Sharding"):
+``routed_lora_shrink`` (h = A_e x per routed slot, fp32 ``[S, T, k, r_max]``), ``routed_lora_expand_``
+(``out += scaling * sum_j g_j B_e h_j``, in place) and the functional ``routed_lora_expand``
+(returns y; autograd to h, lora_b and gates).
+
+A row-parallel projection (``loramix_kernels.distributed``) computes the partial shrink of its
+input shard, all-reduces that rank-sized h (``T*k*r`` fp32 values, S-LoRA's trick: r << d), and
+expands; the column-parallel side needs no split (routed_lora on the local rows of B).
+
+Validators ``validate_routed_lora_shrink``, ``validate_routed_lora_expand`` (functional op) and
+``validate_routed_lora_expand_inplace`` (``routed_lora_expand_``: the ladder's ``<op>`` drops the
+trailing underscore, which would give the functional op's name, hence the suffix; the same for
+its ``*_inplace_cpu`` / ``*_inplace_triton``). Launchers: the expert-sorted Triton kernels of
+``kernels/sharding.py`` (one launch per group of <= 3 slices, no host sync, any strides). CPU: the
+dense masked GEMM forms of ``reference/sharding.py`` where routed_lora would run dense (small E*r
+or dense routing), else the per-slot gather + bmm reference. Backward: the dense masked GEMM forms
+(a few GEMMs over ``[T, E*r]`` per-expert rows, no host sync) on every device. Precision: fp32
+accumulation everywhere (float64 inputs: float64, on the PyTorch kernels); h is fp32 (float64 for
+float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 / fp32
+weights and keeps it fp32 for fp16, as routed_lora does; ``out += y`` is formed in fp32 and rounded
+once. Deterministic mode (``set_deterministic``): the expand with k > 1 adds a token's slots with
+fp32 atomics, so it runs the PyTorch dense form instead. Isolation: the forward kernels read only
+the routed experts' weights (Triton: expert-sorted blocks; CPU: the dense expand is checked for
+non-finite results and redone per slot), so an unrouted expert's inf / NaN does not reach a token;
+known gap: the dense backward multiplies an unrouted expert's weights by 0, so their inf / NaN can
+reach dx / dh (as routed_lora's dense backward on CUDA). Importing this module does not import
+triton.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
+                       check_shape, check_tensor, check_writable)
+from .._tiles import cdiv
+from ..reference.sharding import (acc_dtype, expand_backward, expand_dense, routed_lora_expand_ref,
+                                  routed_lora_shrink_ref, shrink_backward, shrink_dense)
+from ._registry import register_op
+from .routed_lora import (_groups, choose_strategy, decode_shares, kernel_numerics, slice_kwargs,
+                          sort_pairs, sorted_block_m, sorted_meta_kwargs)
+
+DTYPES = FLOAT_DTYPES + (torch.float64,)
+H_DTYPES = (torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------
+
+
+def _check_ids(op, expert_ids, T, E, dev):
+    check_tensor(op, "expert_ids", expert_ids, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    if T is not None:
+        check(expert_ids.shape[0] == T, op, "expert_ids", f"must be [T={T}, k], got {list(expert_ids.shape)}")
+    if _backend.check_values(expert_ids) and expert_ids.numel():
+        check_index_range(op, "expert_ids", expert_ids, -1, E)
+
+
+def validate_routed_lora_shrink(x, lora_a, expert_ids):
+    """x ``[T, d_in]``, lora_a non-empty list of ``[E, r_s, d_in]`` in x's dtype, expert_ids
+    ``[T, k]`` int32 / int64 in ``[-1, E)`` (value check where ``check_values`` allows). Returns
+    (T, d_in, E, k, r_max)."""
+    op = "routed_lora_shrink"
+    check_tensor(op, "x", x, ndim=2, dtypes=DTYPES)
+    T, d_in = x.shape
+    check(isinstance(lora_a, (list, tuple)) and len(lora_a) > 0, op, "lora_a",
+          "must be a non-empty list of [E, r, d_in] tensors")
+    E = None
+    for s, a in enumerate(lora_a):
+        check_tensor(op, f"lora_a[{s}]", a, ndim=3, dtypes=(x.dtype,), device=x.device)
+        E = a.shape[0] if E is None else E
+        check(E > 0, op, "lora_a[0]", "must hold at least one expert")
+        check(a.shape[0] == E, op, f"lora_a[{s}]", f"has {a.shape[0]} experts, lora_a[0] has {E}")
+        check(a.shape[1] >= 1, op, f"lora_a[{s}]", "must have rank r >= 1")
+        check(a.shape[2] == d_in, op, f"lora_a[{s}]", f"must be [E, r, d_in={d_in}], got {list(a.shape)}")
+    _check_ids(op, expert_ids, T, E, x.device)
+    return T, d_in, E, expert_ids.shape[1], max(a.shape[1] for a in lora_a)
+
+
+def _check_expand(op, h, lora_b, expert_ids, gates, scaling):
+    check_tensor(op, "h", h, ndim=4, dtypes=H_DTYPES)
+    dev = h.device
+    check(isinstance(lora_b, (list, tuple)) and len(lora_b) > 0, op, "lora_b",
+          "must be a non-empty list of [E, d_out, r] tensors")
+    E = None
+    for s, b in enumerate(lora_b):
+        check_tensor(op, f"lora_b[{s}]", b, ndim=3, dtypes=(lora_b[0].dtype,) if s else DTYPES, device=dev)
+        E = b.shape[0] if E is None else E
+        check(E > 0, op, "lora_b[0]", "must hold at least one expert")
+        check(b.shape[0] == E, op, f"lora_b[{s}]", f"has {b.shape[0]} experts, lora_b[0] has {E}")
+        check(b.shape[2] >= 1, op, f"lora_b[{s}]", "must have rank r >= 1")
+    r_max = max(b.shape[2] for b in lora_b)
+    check_tensor(op, "expert_ids", expert_ids, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    T, k = expert_ids.shape
+    check_shape(op, "h", h, (len(lora_b), T, k, None))
+    check(h.shape[3] >= r_max, op, "h", f"must have r_max >= every slice's rank ({r_max}), got {list(h.shape)}")
+    _check_ids(op, expert_ids, None, E, dev)
+    check_tensor(op, "gates", gates, ndim=2, dtypes=DTYPES, device=dev)
+    check_shape(op, "gates", gates, (T, k))
+    check(isinstance(scaling, (int, float)) and math.isfinite(scaling), op, "scaling",
+          f"must be a finite float, got {scaling!r}")
+    return T, k, E, sum(b.shape[1] for b in lora_b)
+
+
+def validate_routed_lora_expand(h, lora_b, expert_ids, gates, scaling):
+    """h ``[S, T, k, r_max]`` fp32 (or float64), lora_b ``S`` tensors ``[E, n_s, r_s]`` (one float
+    dtype, r_s <= r_max), expert_ids / gates ``[T, k]``, finite scaling. Returns (T, k, E, d_out)."""
+    return _check_expand("routed_lora_expand", h, lora_b, expert_ids, gates, scaling)
+
+
+def validate_routed_lora_expand_inplace(out, h, lora_b, expert_ids, gates, scaling):
+    """As :func:`validate_routed_lora_expand` (errors name ``routed_lora_expand_``), plus ``out``
+    ``[T, sum n_s]`` of any float dtype, no overlapping elements, no memory shared with an input."""
+    op = "routed_lora_expand_"
+    info = _check_expand(op, h, lora_b, expert_ids, gates, scaling)
+    check_tensor(op, "out", out, ndim=2, dtypes=DTYPES, device=h.device)
+    check_shape(op, "out", out, (info[0], info[3]))
+    check_writable(op, "out", out)
+    check_no_alias(op, "out", out, dict(h=h, lora_b=lora_b, expert_ids=expert_ids, gates=gates))
+    return info
+
+
+# ------------------------------------------------------------------------------------------
+# CPU kernels (PyTorch; also CUDA tensors under LORAMIX_BACKEND=reference)
+# ------------------------------------------------------------------------------------------
+
+
+def _dense_ok(E, ranks, k):
+    return choose_strategy(E, ranks, k) != "expert_sorted"
+
+
+def routed_lora_shrink_cpu(x, lora_a, expert_ids):
+    """Dense ``x @ A_cat^T`` + gather where routed_lora would run dense, else per-slot bmm."""
+    E, k = lora_a[0].shape[0], expert_ids.shape[1]
+    if x.shape[0] and k and _dense_ok(E, [a.shape[1] for a in lora_a], k):
+        return shrink_dense(x, lora_a, expert_ids)
+    return routed_lora_shrink_ref(x, lora_a, expert_ids)
+
+
+def _expand_torch(h, lora_b, expert_ids, gates, scaling):
+    """y in the accumulation dtype; the dense form is redone per slot if not finite (0 * inf of an
+    expert a token does not use)."""
+    E, k = lora_b[0].shape[0], expert_ids.shape[1]
+    if expert_ids.shape[0] and k and _dense_ok(E, [b.shape[2] for b in lora_b], k):
+        y = expand_dense(h, lora_b, expert_ids, gates, scaling)
+        if bool(torch.isfinite(y).all()):
+            return y
+    return routed_lora_expand_ref(h, lora_b, expert_ids, gates, scaling)
+
+
+def _add_into(out, y):
+    if out.dtype == y.dtype:
+        out.add_(y)
+    else:
+        out.copy_(out.to(y.dtype) + y)
+
+
+def routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling):
+    """``out += y``, the sum formed in fp32 (float64) and rounded once."""
+    _add_into(out, _expand_torch(h, lora_b, expert_ids, gates, scaling))
+
+
+def routed_lora_expand_cpu(h, lora_b, expert_ids, gates, scaling):
+    """y ``[T, sum n_s]`` in lora_b's dtype."""
+    return _expand_torch(h, lora_b, expert_ids, gates, scaling).to(lora_b[0].dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Triton launchers
+# ------------------------------------------------------------------------------------------
+
+
+def _h_kwargs(h, idx):
+    pad = list(idx) + [idx[0]] * (3 - len(idx))
+    return {f"h{j}_ptr": h[s] for j, s in enumerate(pad)}
+
+
+def routed_lora_shrink_triton(x, lora_a, expert_ids, *, splits=None):
+    """h = zeros ``[S, T, k, r_max]`` fp32, then one ``_routed_lora_shrink_kernel`` launch per group
+    of <= 3 slices over the expert-sorted pairs (``sort_pairs``, no host sync). At decode d_in is
+    split ``decode_shares`` ways (fp32 atomics into h; none in deterministic mode); ``splits``
+    overrides the number of d_in chunks (tests). float64: PyTorch."""
+    if x.dtype == torch.float64:
+        return routed_lora_shrink_cpu(x, lora_a, expert_ids)
+    from ..kernels.sharding import _routed_lora_shrink_kernel
+
+    T, d_in = x.shape
+    E, K = lora_a[0].shape[0], expert_ids.shape[1]
+    h = torch.zeros(len(lora_a), T, K, max(a.shape[1] for a in lora_a), dtype=torch.float32,
+                    device=x.device)
+    P = T * K
+    if P == 0 or d_in == 0:
+        return h
+    block_m = sorted_block_m(P, E)
+    block_k = 32 if _backend.INTERPRET else 64
+    meta = sort_pairs(expert_ids, E, block_m)
+    num = kernel_numerics(x.dtype)
+    est_blocks = max(cdiv(P, block_m), min(E, P))
+    for idx in _groups(len(lora_a)):
+        ksplit = 1 if _backend.deterministic() else (
+            splits or decode_shares(x, est_blocks * len(idx), cdiv(d_in, block_k)))
+        k_chunk = cdiv(cdiv(d_in, ksplit), block_k) * block_k
+        ksplit = cdiv(d_in, k_chunk)
+        _routed_lora_shrink_kernel[(meta[-1] * ksplit * len(idx),)](
+            x_ptr=x, **_h_kwargs(h, idx), **sorted_meta_kwargs(meta), D_IN=d_in, K_CHUNK=k_chunk,
+            KSPLIT=ksplit, E=E, K=K,
+            stride_xt=x.stride(0), stride_xk=x.stride(1), stride_ht=h.stride(1),
+            stride_hk=h.stride(2), stride_hr=h.stride(3), BLOCK_M=block_m,
+            BLOCK_K=block_k, DOT_FP32=num["DOT_FP32"], IEEE=num["IEEE"],
+            num_warps=8 if block_m >= 64 else 4,
+            **slice_kwargs(lora_a, lora_a, idx, b=False, cols=False))
+    return h
+
+
+def routed_lora_expand_inplace_triton(out, h, lora_b, expert_ids, gates, scaling, *, splits=None):
+    """``out += y``: one ``_routed_lora_expand_kernel`` launch per group of <= 3 slices over the
+    expert-sorted pairs; k > 1 adds with fp32 atomics (into ``out`` if fp32, else into an fp32
+    workspace added to ``out`` once), k == 1 reads, adds and stores ``out`` directly. float64, and
+    k > 1 in deterministic mode: the PyTorch kernel. ``splits`` overrides the column shares per
+    block (NSPLIT; tests)."""
+    T, K = expert_ids.shape
+    E = lora_b[0].shape[0]
+    if (h.dtype == torch.float64 or lora_b[0].dtype == torch.float64 or out.dtype == torch.float64
+            or gates.dtype == torch.float64 or (K > 1 and _backend.deterministic())):
+        return routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling)
+    from ..kernels.sharding import _routed_lora_expand_kernel
+
+    P = T * K
+    if P == 0 or out.shape[1] == 0:
+        return
+    interp = _backend.INTERPRET
+    block_m = sorted_block_m(P, E)
+    block_n = 32 if interp else (64 if block_m >= 64 else 128)
+    meta = sort_pairs(expert_ids, E, block_m)
+    atomic = K > 1
+    dst = out if (not atomic or out.dtype == torch.float32) else torch.zeros(
+        out.shape, dtype=torch.float32, device=out.device)
+    num = kernel_numerics(lora_b[0].dtype)
+    n_tiles = max(cdiv(b.shape[1], block_n) for b in lora_b)
+    est_blocks = max(cdiv(P, block_m), min(E, P))
+    ranks_view = [b.transpose(1, 2) for b in lora_b]  # [E, r, n]: slice_kwargs reads r from dim 1
+    for idx in _groups(len(lora_b)):
+        nsplit = splits or decode_shares(out, est_blocks * len(idx), n_tiles)
+        _routed_lora_expand_kernel[(meta[-1] * nsplit * len(idx),)](
+            y_ptr=dst, **_h_kwargs(h, idx), gates_ptr=gates, **sorted_meta_kwargs(meta), E=E, K=K,
+            stride_yt=dst.stride(0), stride_yn=dst.stride(1), stride_ht=h.stride(1),
+            stride_hk=h.stride(2), stride_hr=h.stride(3), stride_gt=gates.stride(0),
+            stride_gk=gates.stride(1), scaling=float(scaling), BLOCK_M=block_m, BLOCK_N=block_n,
+            NSPLIT=nsplit, ATOMIC=atomic, ACCUMULATE=not atomic, num_warps=8 if block_m >= 64 else 4,
+            **num, **slice_kwargs(ranks_view, lora_b, idx, a=False))
+    if dst is not out:
+        out.add_(dst)
+
+
+def routed_lora_expand_triton(h, lora_b, expert_ids, gates, scaling):
+    """Functional expand: a zeroed y in lora_b's dtype, then the in-place launcher."""
+    y = torch.zeros(expert_ids.shape[0], sum(b.shape[1] for b in lora_b), dtype=lora_b[0].dtype,
+                    device=h.device)
+    routed_lora_expand_inplace_triton(y, h, lora_b, expert_ids, gates, scaling)
+    return y
+
+
+# ------------------------------------------------------------------------------------------
+# registration, autograd
+# ------------------------------------------------------------------------------------------
+
+
+def _shrink_setup(ctx, inputs, output):
+    x, lora_a, expert_ids = inputs
+    ctx.n = len(lora_a)
+    ctx.save_for_backward(x, expert_ids, *lora_a)
+
+
+def _shrink_backward(ctx, grad_h):
+    x, expert_ids, *lora_a = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_a = bool(need[0]), any(need[1])
+    dx, da = shrink_backward(grad_h, x, lora_a, expert_ids, need_x, need_a)
+    return (dx.to(x.dtype) if need_x else None,
+            [g.to(a.dtype) if nd else None for g, a, nd in zip(da, lora_a, need[1])] if need_a
+            else [None] * ctx.n, None)
+
+
+def _expand_setup(ctx, inputs, output):
+    h, lora_b, expert_ids, gates, scaling = inputs
+    ctx.n, ctx.scaling = len(lora_b), scaling
+    ctx.save_for_backward(h, expert_ids, gates, *lora_b)
+
+
+def _expand_backward(ctx, grad_y):
+    h, expert_ids, gates, *lora_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_h, need_b, need_g = bool(need[0]), any(need[1]), bool(need[3])
+    dh, db, dg = expand_backward(grad_y, h, lora_b, expert_ids, gates, ctx.scaling, need_h, need_b, need_g)
+    return (dh.to(h.dtype) if need_h else None,
+            [g.to(b.dtype) if nd else None for g, b, nd in zip(db, lora_b, need[1])] if need_b
+            else [None] * ctx.n, None, dg.to(gates.dtype) if need_g else None, None)
+
+
+def _fake_shrink(info, x, lora_a, expert_ids):
+    T, _, _, k, r_max = info
+    return x.new_empty(len(lora_a), T, k, r_max, dtype=acc_dtype(x))
+
+
+def _fake_expand(info, h, lora_b, *args):
+    T, _, _, d_out = info
+    return lora_b[0].new_empty(T, d_out)
+
+
+register_op(
+    "routed_lora_shrink", "(Tensor x, Tensor[] lora_a, Tensor expert_ids) -> Tensor",
+    validate=validate_routed_lora_shrink, triton=routed_lora_shrink_triton, cpu=routed_lora_shrink_cpu,
+    fake=_fake_shrink, backward=_shrink_backward, setup_context=_shrink_setup, autocast=(0, 1),
+)
+register_op(
+    "routed_lora_expand_",
+    "(Tensor(a!) out, Tensor h, Tensor[] lora_b, Tensor expert_ids, Tensor gates, float scaling) -> ()",
+    validate=validate_routed_lora_expand_inplace, triton=routed_lora_expand_inplace_triton,
+    cpu=routed_lora_expand_inplace_cpu, fake=lambda info, *args: None, autocast=(2,),
+)
+register_op(
+    "routed_lora_expand",
+    "(Tensor h, Tensor[] lora_b, Tensor expert_ids, Tensor gates, float scaling) -> Tensor",
+    validate=validate_routed_lora_expand, triton=routed_lora_expand_triton, cpu=routed_lora_expand_cpu,
+    fake=_fake_expand, backward=_expand_backward, setup_context=_expand_setup, autocast=(1,),
+)
+
+
+# ------------------------------------------------------------------------------------------
+# public functions
+# ------------------------------------------------------------------------------------------
+
+
+def routed_lora_shrink(x, lora_a, expert_ids):
+    """First half of :func:`routed_lora`: ``h[s, t, j, :r_s] = lora_a[s][e] @ x[t]`` for each routed
+    slot ``e = expert_ids[t, j]`` (``-1``: empty slot, zeros; columns past ``r_s`` are zero).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[T, d_in]`` fp16 / bf16 / fp32 (float64: PyTorch kernels), any strides.
+    lora_a : list[torch.Tensor]
+        Per slice ``[E, r_s, d_in]`` in x's dtype (ranks may differ).
+    expert_ids : torch.Tensor
+        ``[T, k]`` int32 / int64, entries in ``[-1, E)``.
+
+    Returns
+    -------
+    torch.Tensor
+        h ``[S, T, k, r_max]`` fp32 (float64 for float64 x), contiguous. Differentiable in x and
+        lora_a. In a row-parallel layer this is the partial sum that is all-reduced.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from loramix_kernels import routed_lora_shrink
+    >>> x = torch.randn(3, 16); A = [torch.randn(4, 2, 16), torch.randn(4, 3, 16)]
+    >>> h = routed_lora_shrink(x, A, torch.tensor([[0, 1], [3, -1], [2, 2]]))
+    >>> h.shape, h.dtype, h[0, 1, 1].abs().sum().item(), h[0, 0, 0, 2].item()
+    (torch.Size([2, 3, 2, 3]), torch.float32, 0.0, 0.0)
+    """
+    return torch.ops.loramix.routed_lora_shrink(x, list(lora_a), expert_ids)
+
+
+def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
+    """Second half of :func:`routed_lora_add_`, in place:
+    ``out[t, slice s] += scaling * sum_j gates[t, j] * lora_b[s][e] @ h[s, t, j, :r_s]``.
+
+    ``out`` ``[T, sum_s n_s]`` of any float dtype and strides (sum formed in fp32, rounded once;
+    no overlapping elements, no memory shared with an input); h ``[S, T, k, r_max]`` fp32 as from
+    :func:`routed_lora_shrink`; lora_b per slice ``[E, n_s, r_s]``; expert_ids / gates ``[T, k]``.
+    ``routed_lora_add_(out, x, A, B, ids, g, c)`` equals
+    ``routed_lora_expand_(out, routed_lora_shrink(x, A, ids), B, ids, g, c)``. Returns ``out``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from loramix_kernels import routed_lora_add_, routed_lora_expand_, routed_lora_shrink
+    >>> x = torch.randn(4, 16); A = [torch.randn(3, 2, 16)]; B = [torch.randn(3, 8, 2)]
+    >>> ids = torch.tensor([[0, 2], [1, -1], [2, 0], [1, 1]]); g = torch.rand(4, 2)
+    >>> y1 = routed_lora_add_(torch.ones(4, 8), x, A, B, ids, g, 0.5)
+    >>> y2 = routed_lora_expand_(torch.ones(4, 8), routed_lora_shrink(x, A, ids), B, ids, g, 0.5)
+    >>> torch.allclose(y1, y2, atol=1e-5)
+    True
+    """
+    torch.ops.loramix.routed_lora_expand_(out, h, list(lora_b), expert_ids, gates, float(scaling))
+    return out
+
+
+def routed_lora_expand(h, lora_b, expert_ids, gates, scaling=1.0):
+    """Functional :func:`routed_lora_expand_`: returns y ``[T, sum_s n_s]`` in lora_b's dtype
+    (contiguous), differentiable in h, lora_b and gates.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from loramix_kernels import routed_lora, routed_lora_expand, routed_lora_shrink
+    >>> x = torch.randn(4, 16); A = [torch.randn(3, 2, 16)]; B = [torch.randn(3, 8, 2)]
+    >>> ids = torch.tensor([[0, 2], [1, -1], [2, 0], [1, 1]]); g = torch.rand(4, 2)
+    >>> y = routed_lora_expand(routed_lora_shrink(x, A, ids), B, ids, g, 0.5)
+    >>> torch.allclose(y, routed_lora(x, A, B, ids, g, 0.5), atol=1e-5)
+    True
+    """
+    return torch.ops.loramix.routed_lora_expand(h, list(lora_b), expert_ids, gates, float(scaling))
