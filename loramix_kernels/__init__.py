@@ -19,6 +19,7 @@ from .ops.verify import match_branch, verify_greedy, verify_sampling  # noqa: E4
 from .ops.kv import compact_kv_, compact_kv_layers_, kv_write_  # noqa: E402
 from .ops.lm_head import lm_head_topk  # noqa: E402
 from .ops.routing import route_topk  # noqa: E402
+from .ops.sharding import routed_lora_expand, routed_lora_expand_, routed_lora_shrink  # noqa: E402
 from . import losses, nn  # noqa: E402  (modules and losses: torch only, HF packages imported lazily)
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "verify_greedy", "verify_sampling", "match_branch",
     "compact_kv_", "compact_kv_layers_", "kv_write_", "lm_head_topk",
     "route_topk", "losses", "nn",
+    "routed_lora_shrink", "routed_lora_expand_", "routed_lora_expand",
     "set_deterministic", "set_value_validation", "use_backend",
 ]
 __version__ = "0.1.0"

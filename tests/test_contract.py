@@ -26,7 +26,7 @@ from loramix_kernels.ops._registry import OPS
 
 from tests.common import TOL, backends, strided, strided_outer, to_device
 
-FAMILIES = ("routed_lora", "tree", "verify", "kv", "kv_cache_ops", "lm_head", "routing")
+FAMILIES = ("routed_lora", "tree", "verify", "kv", "kv_cache_ops", "lm_head", "routing", "sharding")
 
 
 def _samples(device):
@@ -162,7 +162,7 @@ def test_compile_inductor(backend, device, ctx, name, i):
 
 DOC_MODULES = ["loramix_kernels.ops.routed_lora", "loramix_kernels.ops.tree",
                "loramix_kernels.ops.verify", "loramix_kernels.ops.kv", "loramix_kernels.ops.lm_head",
-               "loramix_kernels.ops.routing",
+               "loramix_kernels.ops.routing", "loramix_kernels.ops.sharding",
                "loramix_kernels.losses"]
 
 

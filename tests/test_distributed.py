@@ -1,6 +1,6 @@
 """loramix_kernels.distributed: tensor parallelism (column / row LoRA-Mixer layers, 2 and 4
 ranks) and data parallelism (DDP, FSDP2), gloo on CPU, ranks spawned by torch.multiprocessing on a
-free TCP port of 127.0.0.1, bounded timeouts. The checks run inside the workers (an assertion
+file rendezvous (no network), bounded timeouts. The checks run inside the workers (an assertion
 there fails the test with the worker's traceback). Workers use ``use_backend("auto")`` (the
 PyTorch CPU kernels: the Triton interpreter is too slow for multi-process tests; the sharding
 ops' Triton kernels are tested in tests/test_sharding.py).
@@ -9,7 +9,6 @@ ops' Triton kernels are tested in tests/test_sharding.py).
 import copy
 import datetime
 import os
-import socket
 import tempfile
 import time
 
@@ -22,17 +21,10 @@ from torch import nn
 TIMEOUT_S = 120
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _entry(rank, world, store_path, fn, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
+    # A file rendezvous: no TCP port to pick, so parallel test workers cannot race for one.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
     try:
         import loramix_kernels
@@ -47,15 +39,22 @@ def _entry(rank, world, port, fn, args):
 def run_workers(world, fn, *args):
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; re-raises a worker's failure; kills
     the workers after TIMEOUT_S."""
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=False,
+    store = tempfile.NamedTemporaryFile(prefix="loramix_dist_", delete=False)
+    store.close()
+    os.unlink(store.name)  # the store file must not exist yet; each run gets its own name
+    ctx = mp.start_processes(_entry, args=(world, store.name, fn, args), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    finally:
+        if os.path.exists(store.name):
+            os.unlink(store.name)
 
 
 # ------------------------------------------------------------------------------------------

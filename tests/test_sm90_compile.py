@@ -17,6 +17,7 @@ EXPECTED = {
                     "_sorted_shrink_kernel", "_sorted_expand_kernel"},
     "routed_lora_backward": {"_routed_lora_bwd_shrink_kernel", "_routed_lora_bwd_expand_kernel"},
     "routing": {"_route_topk_kernel"},
+    "sharding": {"_routed_lora_shrink_kernel", "_routed_lora_expand_kernel"},
     "lm_head": {"_lm_head_topk_partial_kernel", "_lm_head_topk_merge_kernel", "_kv_write_kernel",
                 "_compact_kv_layers_kernel"},
     "tree": {"_build_tree_kernel", "_tree_attention_kernel", "_tree_attention_merge_kernel"},
