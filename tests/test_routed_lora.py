@@ -262,6 +262,77 @@ def test_backward_ref_direct_bf16():
     assert gx.dtype == torch.bfloat16 and ga[0].dtype == torch.bfloat16 and gg.dtype == g.dtype
 
 
+def _isolation_cases():
+    """(name, dict of x, A, B, ids, g, dy): non-finite values a token / an expert must not see. Two
+    slices (column offsets of dy / dB, A's bad columns OR-ed over slices); expert 3 is routed only
+    by token 3, expert 2 by nobody."""
+    x, A, B, ids, g = make_case(8, 16, [4, 3], [8, 6], 4, 2, empty_frac=0.0, seed=3)
+    ids = torch.where(ids >= 2, 1 - (ids == 3).long(), ids)  # experts 0 / 1 only ...
+    ids[3, 0] = 3  # ... but token 3 also routes to expert 3
+    ids[6, 1] = -1  # an empty slot
+    dy = torch.randn(8, 14, generator=torch.Generator().manual_seed(5))
+    base = dict(x=x, A=A, B=B, ids=ids, g=g, dy=dy)
+
+    def case(name, **edits):
+        c = {k: ([t.clone() for t in v] if isinstance(v, list) else v.clone()) for k, v in base.items()}
+        for key, fn in edits.items():
+            fn(c[key])
+        return (name, c)
+
+    def put(idx, val):
+        def fn(t):
+            t[idx] = val
+        return fn
+
+    def put_slice(s, idx, val):
+        def fn(ts):
+            ts[s][idx] = val
+        return fn
+
+    inf, nan = float("inf"), float("nan")
+    cases = [
+        case("inf-in-x-row", x=put((5, 2), inf)),
+        case("nan-row-in-grad_y", dy=put(4, nan)),
+        case("inf-in-grad_y-slice-1", dy=put((6, 9), inf)),
+        case("nan-A-unused-expert", A=put_slice(0, 2, nan)),
+        case("inf-A-expert-of-token-3", A=put_slice(1, (3, 1, 7), inf)),
+        case("nan-B-unused-expert", B=put_slice(1, 2, nan)),
+        case("inf-B-expert-of-token-3", B=put_slice(0, (3, 5, 2), -inf)),
+        case("nan-gate-routed-slot", g=put((2, 1), nan)),
+        case("nan-gate-empty-slot", g=put((6, 1), nan)),
+    ]
+    return cases + [case("all-at-once", x=put((5, 2), inf), dy=put(4, nan), A=put_slice(0, 2, nan),
+                         B=put_slice(0, (3, 5, 2), -inf), g=put((2, 1), nan))]
+
+
+ISOLATION_CASES = _isolation_cases()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("needs", [None, [True, False, False, False], [False, True, False, False],
+                                   [False, False, True, False], [False, False, False, True]])
+@pytest.mark.parametrize("name, c", ISOLATION_CASES, ids=[n for n, _ in ISOLATION_CASES])
+def test_backward_dense_isolation(name, c, needs, dtype):
+    """issue 9 item 4: the dense masked backward itself (the code CUDA runs, no host sync, no
+    fallback) is non-finite exactly where the per-expert float64 form is, and equal to it elsewhere."""
+    x, dy = c["x"].to(dtype), c["dy"].to(dtype)
+    A, B = [a.to(dtype) for a in c["A"]], [b.to(dtype) for b in c["B"]]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got = routed_lora_backward_dense(dy, x, A, B, c["ids"], c["g"], 0.5, needs, acc)
+    want = routed_lora_backward_ref(dy.double(), x.double(), [a.double() for a in A],
+                                    [b.double() for b in B], c["ids"], c["g"].double(), 0.5, needs,
+                                    torch.float64)
+    flat_got, flat_want = [got[0], *got[1], *got[2], got[3]], [want[0], *want[1], *want[2], want[3]]
+    if needs is None and "unused" not in name and "empty" not in name:  # a routed non-finite value
+        assert any((~torch.isfinite(w)).any() for w in flat_want)
+    for i, (a, w) in enumerate(zip(flat_got, flat_want)):
+        assert a.shape == w.shape and a.dtype == (c["g"].dtype if i == len(flat_got) - 1 else dtype)
+        bad = ~torch.isfinite(w)
+        assert torch.equal(~torch.isfinite(a), bad), f"{name}: gradient {i}: non-finite pattern differs"
+        assert_close(torch.where(bad, 0.0, a.double()), torch.where(bad, 0.0, w),
+                     dtype if dtype in TOL else torch.float32)
+
+
 # ------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------

@@ -54,11 +54,12 @@ Precision of each path (all accumulate in fp32; float64 inputs in float64)
 Isolation: a token's output and gradients depend only on the experts it is routed to (and an
 expert's gradients only on its tokens): inf / NaN in the weights of an expert a token does not use,
 in the gate of an empty slot or in x rows of other tokens never reach it. On the CPU path the dense
-GEMMs are checked for non-finite results and, if any, redone per expert; the Triton token-major
-kernel zeroes non-finite B entries in its dense dot and sets the outputs of tokens routed to such
-an expert to NaN (the per-expert form gives inf or NaN there). Known gap: the dense PyTorch
-backward on CUDA (token-major / dense shapes) has no such check (it would cost a host sync), so a
-non-finite weight of an unused expert can reach dx there.
+forward GEMMs are checked for non-finite results and, if any, redone per expert; the Triton
+token-major kernel zeroes non-finite B entries in its dense dot and sets the outputs of tokens
+routed to such an expert to NaN (the per-expert form gives inf or NaN there). The dense PyTorch
+backward (``routed_lora_backward_dense``, every device) does the same without a host sync: it
+zeroes the non-finite entries of x, grad_y and A in its GEMMs and sets NaN exactly where the
+per-expert form is non-finite (0/1 mask GEMMs, 1/r of the main GEMMs' FLOPs).
 """
 
 from __future__ import annotations
@@ -709,21 +710,16 @@ def routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scali
     """CPU kernel of the backward: the dense masked form where the forward would run dense,
     else the per-expert loop (only routed work; the host sync is free on CPU).
 
-    Isolation check of the dense form (CPU tensors): with finite x and grad_y, the route-mask
-    ``where`` keeps every unused expert out of dA, dB and d_gates, and only dx can pick up an
-    unused expert's non-finite A (0 * inf in ``dU @ A_cat``); so x, grad_y and dx (all [T, *],
-    small at decode) are checked and, if any is not finite, the per-expert loop runs instead. On
-    CUDA (float64, or the dense regime of the Triton path) that check would cost a host sync and
-    is skipped (module docstring)."""
+    The dense form is isolated by itself, with no host sync (``routed_lora_backward_dense``:
+    non-finite x / dy / A entries are zeroed in its GEMMs and NaN is set where the per-expert form
+    is non-finite), so CPU tensors run exactly the code that CUDA tensors run (float64, or the
+    dense regime of the Triton path): no check of the result, no fallback."""
     needs = _needs(needs)
     E, k = lora_a[0].shape[0], expert_ids.shape[1]
-    acc = _acc_dtype(x)
-    args = (grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, acc)
+    args = (grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, _acc_dtype(x))
     dense = choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted"
     if dense or (x.device.type != "cpu" and _backend.deterministic()):  # no index_add_ atomics
-        got = routed_lora_backward_dense(*args)
-        if x.device.type != "cpu" or all(bool(torch.isfinite(t).all()) for t in (x, grad_y, got[0])):
-            return got
+        return routed_lora_backward_dense(*args)
     return routed_lora_backward_ref(*args)
 
 

@@ -160,32 +160,53 @@ def routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, sca
     With G[t, e] = scaling * sum_j g[t,j] [ids[t,j] == e], H = x A_cat^T and U = dy B_cat:
     dx = (U * G) A_cat, dA_cat = (U * G)^T x, dB_cat = dy^T (H * G),
     d_gates[t, j] = scaling * sum_s <U_s[t, e], H_s[t, e]> at e = ids[t, j].
-    Every expert is computed, so it pays off when E*r is small or routing is dense. The gating is
-    a ``torch.where`` on the route mask (an unused expert's inf / NaN in H or U does not reach
-    the token), but the GEMMs still multiply unused experts' weights by exact zeros: with
-    non-finite weights of an unused expert (or a non-finite x / dy row) dx, dA, dB can turn
-    non-finite where the per-expert form would not (callers that can check, check the result and
-    fall back to :func:`routed_lora_backward_ref`). ``needs`` as there. Gradients are contiguous.
+    Every expert is computed, so it pays off when E*r is small or routing is dense. ``needs`` as
+    in :func:`routed_lora_backward_ref`. Gradients are contiguous.
+
+    Isolation, without a host sync (so on CUDA exactly as on CPU): the non-finite pattern is that
+    of the per-expert form. H and U are element-local (H[t, e] reads only x[t] and A[e]) and the
+    gating is a ``torch.where`` on the route mask, so an unrouted expert's inf / NaN in H or U
+    never reaches a token. The second GEMMs would still multiply exact zeros of the mask by
+    other tokens' / other experts' inf (0 * inf = NaN), so their operands x (for dA), dy (for dB)
+    and A (for dx) have their non-finite entries zeroed, and NaN is set exactly where the
+    per-expert form is non-finite through them: dA[e][:, c] where a token routed to e has a
+    non-finite x[t, c]; dB[e][n, :] where a token routed to e has a non-finite dy[t, n]; dx[t, c]
+    where t routes to an expert e with a non-finite A[e][:, c] (non-finite U, H or gates of routed
+    pairs propagate through the GEMMs by themselves). Cost of this, paid on every call: an
+    isfinite pass and a zeroed copy of x, dy and each A (only for the gradients needed) and three
+    0/1 mask GEMMs, ``[E, T] @ [T, d_in]``, ``[E, T] @ [T, d_out]`` and ``[T, E] @ [E, d_in]``,
+    1/r of the FLOPs of the main GEMMs.
     """
     need_x, need_a, need_b, need_g = NEEDS_ALL if needs is None else needs
-    T, E = x.shape[0], lora_a[0].shape[0]
+    (T, d_in), E = x.shape, lora_a[0].shape[0]
     acc = acc_dtype
+    nan = float("nan")
     gm = gate_matrix(expert_ids, gates, E, dtype=acc) * scaling  # [T, E]
-    routed = route_mask(expert_ids, E).unsqueeze(-1)  # [T, E, 1]
+    route = route_mask(expert_ids, E)  # [T, E]
+    routed = route.unsqueeze(-1)  # [T, E, 1]
+    route_f = route.to(acc)
     xf, dyf = x.to(acc), grad_y.to(acc)
+    if need_a:  # dA's GEMM on x with its non-finite entries zeroed; NaN where a routed token had one
+        bad_x = ~torch.isfinite(xf)
+        x0 = torch.where(bad_x, 0, xf)
+        nan_a = (route_f.t() @ bad_x.to(acc) > 0).unsqueeze(1)  # [E, 1, d_in]
+    if need_b:  # dB's GEMM on dy likewise
+        bad_dy = ~torch.isfinite(dyf)
+        dy0_all = torch.where(bad_dy, 0, dyf)
+        nan_b = (route_f.t() @ bad_dy.to(acc) > 0).unsqueeze(-1)  # [E, d_out, 1]
+    if need_x:  # dx's GEMM on A likewise: bad_a_cols[e, c] = A[e][:, c] not finite (any slice)
+        bad_a_cols = torch.zeros(E, d_in, dtype=torch.bool, device=x.device)
     gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     dgm = torch.zeros(T, E, dtype=acc, device=x.device) if need_g else None
     ga, gb = [], []
     col = 0
     for a, b in zip(lora_a, lora_b):
         r, n = a.shape[1], b.shape[1]
-        a_cat = a.reshape(E * r, -1).to(acc)
+        a_cat = a.reshape(E * r, d_in).to(acc)
         dy = dyf[:, col:col + n]
-        col += n
-        bf = b.to(acc)
         if need_x or need_a or need_g:
             # u[t, e] = dy[t] @ B[e]: a batched GEMM on B as stored (no repacking copy)
-            u = torch.bmm(dy.unsqueeze(0).expand(E, T, n), bf).transpose(0, 1)
+            u = torch.bmm(dy.unsqueeze(0).expand(E, T, n), b.to(acc)).transpose(0, 1)
         if need_g or need_b:
             h = (xf @ a_cat.t()).view(T, E, r)
         if need_g:
@@ -193,13 +214,21 @@ def routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, sca
         if need_x or need_a:
             du = torch.where(routed, u * gm.unsqueeze(-1), 0).view(T, E * r)
             if need_x:
-                gx += du @ a_cat
+                ok_a = torch.isfinite(a_cat)
+                bad_a_cols |= (~ok_a).view(E, r, d_in).any(1)
+                gx += du @ torch.where(ok_a, a_cat, 0)
             if need_a:
-                ga.append((du.t() @ xf).view(E, r, -1).to(a.dtype))
+                da = (du.t() @ x0).view(E, r, d_in)
+                ga.append(torch.where(nan_a, nan, da).to(a.dtype))
         if need_b:
             hg = torch.where(routed, h * gm.unsqueeze(-1), 0)
             # dB[e] = dy^T hg[:, e]: [E, n, r], contiguous like B
-            gb.append(torch.bmm(dy.t().unsqueeze(0).expand(E, n, T), hg.transpose(0, 1)).to(b.dtype))
+            dy0 = dy0_all[:, col:col + n]
+            db = torch.bmm(dy0.t().unsqueeze(0).expand(E, n, T), hg.transpose(0, 1))
+            gb.append(torch.where(nan_b[:, col:col + n], nan, db).to(b.dtype))
+        col += n
+    if need_x:
+        gx = torch.where(route_f @ bad_a_cols.to(acc) > 0, nan, gx)
     if need_g:
         ids = expert_ids.long()
         valid = (ids >= 0) & (ids < E)
