@@ -84,31 +84,33 @@ def _aot_run(self, *args, grid, warmup, **kwargs):
 def scenarios():
     """name -> callable running launchers at GPU-sized shapes (CPU tensors, small where allowed)."""
     import loramix_kernels  # noqa: F401
+    from loramix_kernels.bench.bench_routed_lora import routed_lora_two_launch
     from loramix_kernels.ops import routed_lora as rl
 
-    def routed_inputs(T, E, r, k, widths, d_in):
-        dt = torch.bfloat16
+    def routed_inputs(T, E, r, k, widths, d_in, dt=torch.bfloat16):
         x = torch.zeros(T, d_in, dtype=dt)
         A = [torch.zeros(E, r, d_in, dtype=dt) for _ in widths]
         B = [torch.zeros(E, w, r, dtype=dt) for w in widths]
         ids = torch.arange(T * k, dtype=torch.int32).reshape(T, k) % E
         return dt, x, A, B, ids, torch.ones(T, k)
 
-    def routed(T, E, r, k, widths, strategy=None, d_in=4096, add=False):
+    def routed(T, E, r, k, widths, strategy=None, d_in=4096, add=False, dt=torch.bfloat16):
         def go():
-            dt, x, A, B, ids, g = routed_inputs(T, E, r, k, widths, d_in)
+            _, x, A, B, ids, g = routed_inputs(T, E, r, k, widths, d_in, dt)
             out = torch.zeros(T, sum(widths), dtype=dt) if add else None
-            rl.routed_lora_forward(x, A, B, ids, g, 1.0, out=out, strategy=strategy)
+            rl.routed_lora_triton(x, A, B, ids, g, 1.0, out=out, strategy=strategy)
             if strategy == "expert_sorted":
-                rl.routed_lora_two_launch(x, A, B, ids, g, 1.0)
+                routed_lora_two_launch(x, A, B, ids, g, 1.0)
         return go
 
-    def routed_bwd(T, E, r, k, widths, d_in=4096):
+    def routed_bwd(T, E, r, k, widths, d_in=4096, dt=torch.bfloat16):
         def go():
-            dt, x, A, B, ids, g = routed_inputs(T, E, r, k, widths, d_in)
+            _, x, A, B, ids, g = routed_inputs(T, E, r, k, widths, d_in, dt)
             assert rl.choose_strategy(E, [r] * len(widths), k) == "expert_sorted"
             dy = torch.zeros(T, sum(widths), dtype=dt)
             rl.routed_lora_backward_sorted(dy, x, A, B, ids, g, 1.0)
+            # frozen experts (router-only training): the dx / d_gates-only variant
+            rl.routed_lora_backward_sorted(dy, x, A, B, ids, g, 1.0, needs=[True, False, False, True])
         return go
 
     from loramix_kernels.ops import tree as tr
@@ -189,12 +191,16 @@ def scenarios():
             routed(64, 8, 16, 8, [4096], add=True), routed(2048, 64, 16, 3, qkv, "expert_sorted"),
             routed(16, 64, 64, 1, [4096], "expert_sorted"), routed(2048, 8, 64, 2, [4096]),
             routed(16, 4, 64, 2, qkv, "token_major"), routed(64, 64, 1, 64, [4096]),
+            # fp16: the gated intermediate stays fp32 into the expand (H_FP32)
+            routed(16, 8, 16, 2, qkv, dt=torch.float16), routed(8192, 8, 16, 2, qkv, dt=torch.float16),
+            routed(16, 64, 64, 1, [4096], "expert_sorted", dt=torch.float16),
+            routed(8192, 4, 64, 2, qkv, "token_major", dt=torch.float16),
         ],
         # expert_sorted backward: prefill (BLOCK_M 64, no split), decode (BLOCK_M 16, KSPLIT /
         # NSPLIT shares), and rank 64 (the largest register tiles of dh / h)
         "routed_lora_backward": [
             routed_bwd(2048, 64, 16, 3, qkv), routed_bwd(16, 64, 16, 3, qkv),
-            routed_bwd(2048, 8, 64, 2, [4096]),
+            routed_bwd(2048, 8, 64, 2, [4096]), routed_bwd(2048, 64, 16, 3, qkv, dt=torch.float16),
         ],
     }
 

@@ -17,7 +17,9 @@ from loramix_kernels import _backend
 from loramix_kernels.ops import routed_lora as rl
 from loramix_kernels.reference.routed_lora import (
     dense_pack, routed_lora_backward_dense, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
-from tests.common import TOL, TRITON_DEVICE, backends, reference_path, requires_cuda, requires_triton, triton_path
+from loramix_kernels.bench.bench_routed_lora import routed_lora_two_launch
+from tests.common import (TOL, TRITON_DEVICE, assert_close, backends, reference_path, requires_cuda,
+                          requires_triton, to_device, triton_path)
 
 STRATEGIES = ["token_major", "expert_sorted", "dense_gemm"]
 
@@ -59,12 +61,6 @@ def make_case(T, d_in, ranks, d_outs, E, k, dtype=torch.float32, device="cpu", e
             ids.to(device=device, dtype=idx_dtype), gates.to(device))
 
 
-def assert_close_scaled(y, ref, dtype):
-    atol, rtol = TOL[dtype]
-    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-    torch.testing.assert_close(y.double(), ref, atol=atol * scale, rtol=rtol)
-
-
 # ------------------------------------------------------------------------------------------
 # correctness
 # ------------------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ def test_reference_matches_oracle(dtype, T, d_in, ranks, d_outs, E, k):
     args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype)
     y = routed_lora_ref(*args, 0.5)
     assert y.dtype == dtype and y.shape == (T, sum(d_outs))
-    assert_close_scaled(y, oracle(*args, 0.5), dtype)
+    assert_close(y, oracle(*args, 0.5), dtype)
 
 
 @requires_triton
@@ -96,10 +92,9 @@ def test_reference_matches_oracle(dtype, T, d_in, ranks, d_outs, E, k):
 ])
 def test_triton_matches_oracle(strategy, dtype, T, d_in, ranks, d_outs, E, k, dense):
     args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=TRITON_DEVICE, dense=dense)
-    y = rl.routed_lora_forward(*args, 0.75, strategy=strategy)
+    y = rl.routed_lora_triton(*args, 0.75, strategy=strategy)
     assert y.dtype == dtype and y.shape == (T, sum(d_outs))
-    assert_close_scaled(y.cpu(), oracle(*[a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a]
-                                          for a in args], 0.75), dtype)
+    assert_close(y, oracle(*to_device(args, "cpu"), 0.75), dtype)
 
 
 @requires_triton
@@ -113,15 +108,15 @@ def test_triton_splits(strategy, splits, k, out_dtype, ranks):
     dtype = torch.bfloat16
     d_outs = [40, 24, 33, 7][: len(ranks)]
     args = make_case(9, 100, ranks, d_outs, 6, k, dtype=dtype, device=TRITON_DEVICE)
-    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    cpu = to_device(args, "cpu")
     expect = oracle(*cpu, 0.5)
     if out_dtype is None:
-        y = rl.routed_lora_forward(*args, 0.5, strategy=strategy, splits=splits)
+        y = rl.routed_lora_triton(*args, 0.5, strategy=strategy, splits=splits)
     else:
         base = torch.randn(9, sum(d_outs), device=TRITON_DEVICE).to(out_dtype)
-        y = rl.routed_lora_forward(*args, 0.5, out=base.clone(), strategy=strategy, splits=splits)
+        y = rl.routed_lora_triton(*args, 0.5, out=base.clone(), strategy=strategy, splits=splits)
         expect = expect + base.cpu().double()
-    assert_close_scaled(y.cpu(), expect, dtype)
+    assert_close(y, expect, dtype)
 
 
 @requires_triton
@@ -148,9 +143,9 @@ def test_triton_hypothesis(T, d_in, slices, E, k_frac, dtype, strategy, nonconti
         strategy = "expert_sorted"  # keep interpreter register tiles small
     args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=TRITON_DEVICE, seed=seed,
                      noncontig=noncontig, idx_dtype=idx_dtype)
-    y = rl.routed_lora_forward(*args, 1.5, strategy=strategy, splits=splits)
-    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
-    assert_close_scaled(y.cpu(), oracle(*cpu, 1.5), dtype)
+    y = rl.routed_lora_triton(*args, 1.5, strategy=strategy, splits=splits)
+    cpu = to_device(args, "cpu")
+    assert_close(y, oracle(*cpu, 1.5), dtype)
 
 
 @pytest.mark.parametrize("name, device, ctx", backends())
@@ -162,9 +157,9 @@ def test_add_inplace(name, device, ctx, out_dtype):
     with ctx():
         ret = torch.ops.loramix.routed_lora_add_(out, *args, 2.0)
     assert ret is None
-    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
+    cpu = to_device(args, "cpu")
     expect = base.cpu().double() + oracle(*cpu, 2.0)
-    assert_close_scaled(out.cpu(), expect, torch.bfloat16)
+    assert_close(out, expect, torch.bfloat16)
 
 
 @pytest.mark.parametrize("name, device, ctx", backends())
@@ -174,8 +169,8 @@ def test_op_dispatch_both_backends(name, device, ctx, E, ranks, k):
     args = make_case(12, 40, ranks, [40, 16, 16][: len(ranks)], E, k, device=device)
     with ctx():
         y = torch.ops.loramix.routed_lora(*args, 0.25)
-    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
-    assert_close_scaled(y.cpu(), oracle(*cpu, 0.25), torch.float32)
+    cpu = to_device(args, "cpu")
+    assert_close(y, oracle(*cpu, 0.25), torch.float32)
 
 
 def test_choose_strategy():
@@ -195,15 +190,15 @@ def test_dense_baseline_matches_oracle():
     args = make_case(10, 32, [8, 4], [16, 8], 6, 2)
     x, A, B, ids, g = args
     y = routed_lora_dense(x, dense_pack(A, B), ids, g, 0.5)
-    assert_close_scaled(y, oracle(*args, 0.5), torch.float32)
+    assert_close(y, oracle(*args, 0.5), torch.float32)
 
 
 @requires_triton
 def test_two_launch_baseline_matches_oracle():
     args = make_case(21, 40, [8, 4], [24, 8], 6, 3, device=TRITON_DEVICE)
-    y = rl.routed_lora_two_launch(*args, 0.5)
-    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
-    assert_close_scaled(y.cpu(), oracle(*cpu, 0.5), torch.float32)
+    y = routed_lora_two_launch(*args, 0.5)
+    cpu = to_device(args, "cpu")
+    assert_close(y, oracle(*cpu, 0.5), torch.float32)
 
 
 @requires_triton
@@ -215,10 +210,10 @@ def test_out_of_range_ids_never_read_out_of_bounds(monkeypatch, strategy):
     bad[0, 0], bad[3, 1], bad[5, 2], bad[7, 0] = 4, 1 << 20, -7, -(1 << 30)
     bad[8, 1] = (1 << 32) + 2  # must not wrap to expert 2 in a 32-bit compare
     monkeypatch.setattr(_backend, "check_values", lambda t: False)
-    y = rl.routed_lora_forward(x, A, B, bad, g, 1.0, strategy=strategy)
+    y = rl.routed_lora_triton(x, A, B, bad, g, 1.0, strategy=strategy)
     masked = torch.where((bad >= 0) & (bad < 4), bad, -1)
     cpu = [t.cpu() for t in (x,)] + [[t.cpu() for t in A], [t.cpu() for t in B], masked.cpu(), g.cpu()]
-    assert_close_scaled(y.cpu(), oracle(*cpu, 1.0), torch.float32)
+    assert_close(y, oracle(*cpu, 1.0), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,7 +237,7 @@ def test_gradients_match_oracle(name, device, ctx):
     yo = oracle(xo, Ao, Bo, ids.cpu(), go, 0.5)
     expect = torch.autograd.grad(yo, [xo, *Ao, *Bo, go], dy.cpu().double())
     for got, exp in zip(grads, expect):
-        torch.testing.assert_close(got.cpu().double(), exp, atol=1e-4, rtol=1e-4)
+        assert_close(got, exp, torch.float32)
 
 
 @pytest.mark.parametrize("fn", [routed_lora_backward_ref, routed_lora_backward_dense])
@@ -258,38 +253,13 @@ def test_backward_formulations_match_oracle(fn, E, k, dup):
     expect = torch.autograd.grad(yo, leaves, dy.double())
     flat = [got[0], *got[1], *got[2], got[3]]
     for a, b in zip(flat, expect):
-        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+        assert_close(a, b, torch.float32)
 
 
 def test_backward_ref_direct_bf16():
     x, A, B, ids, g = make_case(7, 16, [4], [8], 3, 2, dtype=torch.bfloat16)
     gx, ga, gb, gg = routed_lora_backward_ref(torch.randn(7, 8).bfloat16(), x, A, B, ids, g, 1.0)
     assert gx.dtype == torch.bfloat16 and ga[0].dtype == torch.bfloat16 and gg.dtype == g.dtype
-
-
-@pytest.mark.parametrize("name, device, ctx", backends())
-def test_opcheck(name, device, ctx):
-    args = make_case(6, 32, [8, 4], [16, 8], 4, 2, device=device)
-    x, A, B, ids, g = args
-    with ctx():
-        torch.library.opcheck(torch.ops.loramix.routed_lora.default, (x, A, B, ids, g, 0.5))
-        xr = x.clone().requires_grad_(True)
-        Ar = [a.clone().requires_grad_(True) for a in A]
-        torch.library.opcheck(torch.ops.loramix.routed_lora.default, (xr, Ar, B, ids, g.requires_grad_(True), 0.5))
-        out = torch.zeros(6, 24, device=device)
-        torch.library.opcheck(torch.ops.loramix.routed_lora_add_.default, (out, x, A, B, ids, g, 0.5))
-
-
-def test_compile_fullgraph():
-    args = make_case(6, 32, [8], [16], 4, 2)
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(x, A, B, ids, g):
-        return torch.ops.loramix.routed_lora(x, A, B, ids, g, 0.5) * 2
-
-    with reference_path():
-        y = f(*args)
-    assert_close_scaled(y, 2 * oracle(*args, 0.5), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,7 +312,7 @@ def test_device_mix_rejected_meta(arg):
     v = args[arg]
     args[arg] = [t.to("meta") for t in v] if isinstance(v, list) else v.to("meta")
     with pytest.raises(ValueError, match=f"routed_lora: {arg}.* must be on cpu"):
-        rl.validate(*args.values(), 1.0)
+        rl.validate_routed_lora(*args.values(), 1.0)
 
 
 @requires_cuda
@@ -356,15 +326,15 @@ def test_device_mix_rejected():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cuda_graph_capture(strategy):
     args = make_case(16, 256, [16, 8], [256, 64], 8, 2, device="cuda", dtype=torch.bfloat16)
-    rl.routed_lora_forward(*args, 1.0, strategy=strategy)  # compile outside capture
+    rl.routed_lora_triton(*args, 1.0, strategy=strategy)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = rl.routed_lora_forward(*args, 1.0, strategy=strategy)
+        y = rl.routed_lora_triton(*args, 1.0, strategy=strategy)
     graph.replay()
     torch.cuda.synchronize()
-    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
-    assert_close_scaled(y.cpu(), oracle(*cpu, 1.0), torch.bfloat16)
+    cpu = to_device(args, "cpu")
+    assert_close(y, oracle(*cpu, 1.0), torch.bfloat16)
 
 
 @requires_cuda
@@ -372,8 +342,8 @@ def test_cuda_graph_capture(strategy):
 def test_cuda_bench_shapes(T, E, r, k):
     args = make_case(T, 512, [r, r, r], [512, 128, 128], E, k, device="cuda", dtype=torch.bfloat16)
     y = torch.ops.loramix.routed_lora(*args, 1.0)
-    cpu = [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
-    assert_close_scaled(y.cpu(), oracle(*cpu, 1.0), torch.bfloat16)
+    cpu = to_device(args, "cpu")
+    assert_close(y, oracle(*cpu, 1.0), torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,13 +351,9 @@ def test_cuda_bench_shapes(T, E, r, k):
 # ------------------------------------------------------------------------------------------
 
 
-def _to_cpu(args):
-    return [a.cpu() if torch.is_tensor(a) else [t.cpu() for t in a] for a in args]
-
-
 def _oracle_grads(args, dy, scaling):
     """float64 autograd through ``oracle``: (dx, [dA_s], [dB_s], d_gates)."""
-    x, A, B, ids, g = _to_cpu(args)
+    x, A, B, ids, g = to_device(args, "cpu")
     n = len(A)
     leaves = [t.double().requires_grad_(True) for t in (x, *A, *B, g)]
     yo = oracle(leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n], ids, leaves[-1], scaling)
@@ -506,13 +472,6 @@ def test_triton_backward_sorted_through_autograd(monkeypatch):
 
 
 @requires_triton
-def test_triton_backward_sorted_opcheck():
-    args, dy = _sorted_case(3, 40, [64, 8], [16, 24], 8, 2, seed=9)
-    with triton_path():
-        torch.library.opcheck(torch.ops.loramix.routed_lora_backward.default, (dy, *args, 0.5))
-
-
-@requires_triton
 def test_triton_backward_sorted_out_of_range_ids(monkeypatch):
     """Unvalidated ids outside [0, E) (as on CUDA) are empty slots: no gradient, no OOB access."""
     args, dy = _sorted_case(6, 32, [64], [24], 8, 3, empty_frac=0.0, seed=11)
@@ -546,3 +505,253 @@ def test_cuda_backward_sorted_bench_shapes(T):
     args, dy = _sorted_case(T, 1024, [16, 16, 16], [1024, 256, 256], 64, 3, dtype=torch.bfloat16)
     got = rl.routed_lora_backward_sorted(dy, *args, 1.0)
     assert_grads_close(got, _oracle_grads(args, dy, 1.0), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------
+# sample inputs (tests/test_contract.py runs opcheck, compile and strided views on them)
+# ------------------------------------------------------------------------------------------
+
+
+def sample_inputs(device):
+    """(op name, args) covering every op of the family: both Triton strategies' shapes (token-major
+    E*r <= 256, expert-sorted E = 64), packed slices, empty slots, fp32 / bf16, T = 0, and the
+    backward with all and with partial ``needs``."""
+    out = []
+    for dtype, (T, d_in, ranks, d_outs, E, k) in [
+        (torch.float32, (6, 32, [8, 4], [16, 8], 4, 2)),       # token-major, two slices
+        (torch.bfloat16, (5, 24, [4], [12], 6, 3)),            # token-major, bf16
+        (torch.float32, (5, 20, [16, 8], [12, 8], 64, 2)),     # expert-sorted
+        (torch.float32, (0, 16, [4], [8], 3, 2)),              # no tokens
+    ]:
+        x, A, B, ids, g = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, device=device)
+        args = (x, A, B, ids, g, 0.5)
+        out.append(("routed_lora", args))
+        out.append(("routed_lora_add_", (torch.randn(T, sum(d_outs), device=device).to(dtype), *args)))
+        dy = torch.randn(T, sum(d_outs), device=device).to(dtype)
+        out.append(("routed_lora_backward", (dy, *args)))
+        out.append(("routed_lora_backward", (dy, *args, [True, False, False, True])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile (inductor), autocast, float64, double backward
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("E, ranks, k", [(4, [8], 2), (64, [16], 2)])  # dense / expert-sorted backward
+def test_compile_inductor_training_step(name, device, ctx, E, ranks, k):
+    """Regression: the default inductor backend checks the fake kernels' strides against the real
+    ones; the dense backward used to return dB as a permuted view ("incorrect fake kernel")."""
+    x, A, B, ids, g = make_case(6, 32, ranks, [16], E, k, device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, A[0], B[0], g)]
+
+    def f(x, a, b, g):
+        return (torch.ops.loramix.routed_lora(x, [a], [b], ids, g, 0.5) ** 2).sum()
+
+    torch._dynamo.reset()
+    with ctx():
+        loss = torch.compile(f, fullgraph=True)(*leaves)
+        loss.backward()
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    (oracle(ref[0], [ref[1]], [ref[2]], ids, ref[3], 0.5) ** 2).sum().backward()
+    for got, want in zip(leaves, ref):
+        assert_close(got.grad, want.grad, torch.float32)
+
+
+def test_autocast_bf16_cpu_master_weights():
+    """fp32 master weights under CPU bf16 autocast: runs in bf16 (gates stay fp32) and the fp32
+    leaves get fp32 gradients."""
+    x, A, B, ids, g = make_case(7, 32, [8, 4], [16, 8], 4, 2)
+    leaves = [t.clone().requires_grad_(True) for t in (x, *A, *B, g)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.loramix.routed_lora(leaves[0], leaves[1:3], leaves[3:5], ids, leaves[5], 0.5)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    for t in leaves:
+        assert t.grad is not None and t.grad.dtype == torch.float32
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    oracle(ref[0], ref[1:3], ref[3:5], ids, ref[5], 0.5).sum().backward()
+    assert_close(y, oracle(*[t.detach() for t in leaves[:1]], [t.detach() for t in leaves[1:3]],
+                           [t.detach() for t in leaves[3:5]], ids, leaves[5].detach(), 0.5),
+                 torch.bfloat16)
+    for got, want in zip(leaves, ref):
+        assert_close(got.grad, want.grad, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("E, ranks, k", [(4, [3, 2], 2), (64, [8], 2)])
+def test_gradcheck_float64(name, device, ctx, E, ranks, k):
+    """float64 runs (the PyTorch kernels, on every backend) so that users can gradcheck."""
+    x, A, B, ids, g = make_case(5, 6, ranks, [4, 3][: len(ranks)], E, k, dtype=torch.float64,
+                                device=device)
+    ids[1, 1] = ids[1, 0]  # a duplicate expert in two slots of one token
+    g = g.double()
+    n = len(ranks)
+    leaves = [t.clone().requires_grad_(True) for t in (x, *A, *B, g)]
+
+    def f(x, *rest):
+        return torch.ops.loramix.routed_lora(x, list(rest[:n]), list(rest[n:2 * n]), ids, rest[-1], 0.7)
+
+    with ctx():
+        assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_double_backward_raises(name, device, ctx):
+    x, A, B, ids, g = make_case(4, 16, [4], [8], 3, 2, device=device)
+    x.requires_grad_(True)
+    A[0].requires_grad_(True)
+    with ctx():
+        y = torch.ops.loramix.routed_lora(x, A, B, ids, g, 1.0)
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="routed_lora: double backward"):
+            torch.autograd.grad(gx.sum(), A[0])
+
+
+# ------------------------------------------------------------------------------------------
+# backward: only what is needed
+# ------------------------------------------------------------------------------------------
+
+
+def _mm_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        out = fn()
+    return fc.get_total_flops(), out
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("E, ranks, k", [(4, [8, 4], 2), (64, [16, 8], 2)])  # dense / sorted regimes
+@pytest.mark.parametrize("frozen", ["experts", "input", "router", "all_but_gates"])
+def test_backward_needs(monkeypatch, name, device, ctx, E, ranks, k, frozen):
+    """Frozen experts => no dA / dB, frozen x => no dx: the op is told (``needs``), returns empty
+    tensors for what is not needed, and the needed gradients are right."""
+    x, A, B, ids, g = make_case(9, 24, ranks, [16, 8], E, k, device=device)
+    n = len(ranks)
+    grad = dict(x=frozen != "input" and frozen != "all_but_gates",
+                w=frozen not in ("experts", "all_but_gates"), g=frozen != "router")
+    x.requires_grad_(grad["x"])
+    for t in A + B:
+        t.requires_grad_(grad["w"])
+    g.requires_grad_(grad["g"])
+    seen = []
+    real = torch.ops.loramix.routed_lora_backward
+
+    class Spy:
+        def __call__(self, *args):
+            out = real(*args)
+            seen.append((list(args[-1]), out))
+            return out
+
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+    monkeypatch.setattr(torch.ops.loramix, "routed_lora_backward", Spy())
+    dy = torch.randn(9, 24, device=device)
+    with ctx():
+        y = torch.ops.loramix.routed_lora(x, A, B, ids, g, 0.5)
+        leaves = [t for t in (x, *A, *B, g) if t.requires_grad]
+        got = torch.autograd.grad(y, leaves, dy)
+    want_needs = [grad["x"], grad["w"], grad["w"], grad["g"]]
+    (needs, (gx, ga, gb, gg)), = seen
+    assert needs == want_needs
+    for flag, ts in zip(want_needs, [[gx], ga, gb, [gg]]):
+        assert all((t.numel() > 0) == flag for t in ts)  # not needed: an empty tensor
+    expect = _oracle_grads((x.detach(), [a.detach() for a in A], [b.detach() for b in B], ids,
+                            g.detach()), dy, 0.5)
+    flat_expect = [expect[0], *expect[1], *expect[2], expect[3]]
+    flat_req = [grad["x"]] + [grad["w"]] * 2 * n + [grad["g"]]
+    for got_t, want_t in zip(got, [w for w, r in zip(flat_expect, flat_req) if r]):
+        assert_close(got_t, want_t, torch.float32)
+
+
+@pytest.mark.parametrize("E, ranks, k", [(4, [8, 4], 2), (64, [16, 8], 2)])
+def test_backward_needs_skips_the_work_cpu(E, ranks, k):
+    """On the CPU kernels a gradient that is not needed costs no GEMM: the FLOPs of the backward
+    with frozen experts are those of dx + d_gates only, below the full backward's."""
+    x, A, B, ids, g = make_case(33, 64, ranks, [48, 16], E, k)
+    dy = torch.randn(33, 64)
+    # The CPU kernel itself (a dispatch mode does not look inside a custom op).
+    full, all_grads = _mm_flops(lambda: rl.routed_lora_backward_cpu(dy, x, A, B, ids, g, 0.5))
+    frozen, part = _mm_flops(lambda: rl.routed_lora_backward_cpu(
+        dy, x, A, B, ids, g, 0.5, [True, False, False, True]))
+    none_x, _ = _mm_flops(lambda: rl.routed_lora_backward_cpu(
+        dy, x, A, B, ids, g, 0.5, [False, True, True, False]))
+    assert 0 < frozen < full and 0 < none_x < full
+    assert [t.numel() for t in part[1] + part[2]] == [0] * 4
+    torch.testing.assert_close(part[0], all_grads[0])
+    torch.testing.assert_close(part[3], all_grads[3])
+
+
+@requires_triton
+def test_backward_needs_sorted_kernels_skip_work(monkeypatch):
+    """The Triton expert-sorted backward compiles the dA / dB code out (NEED_* constexprs) and
+    allocates no workspace for them when the experts are frozen."""
+    from loramix_kernels.kernels import routed_lora as kern
+
+    launched = []
+    real = kern._routed_lora_bwd_expand_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(**kw):
+                launched.append({k: kw[k] for k in ("NEED_DX", "NEED_DA", "NEED_DB", "NEED_DG")})
+                assert kw["da0_ptr"] is kw["x_ptr"] and kw["db0_ptr"] is kw["x_ptr"]  # placeholders
+                return real[grid](**kw)
+            return launch
+
+    monkeypatch.setattr(kern, "_routed_lora_bwd_expand_kernel", Spy())
+    args, dy = _sorted_case(5, 40, [16, 8], [24, 16], 64, 2, seed=4)
+    got = rl.routed_lora_backward_sorted(dy, *args, 0.5, needs=[True, False, False, True])
+    assert launched == [dict(NEED_DX=True, NEED_DA=False, NEED_DB=False, NEED_DG=True)]
+    expect = _oracle_grads(args, dy, 0.5)
+    assert_close(got[0], expect[0], torch.float32)
+    assert_close(got[3], expect[3], torch.float32)
+    assert all(t.numel() == 0 for t in got[1] + got[2])
+
+
+# ------------------------------------------------------------------------------------------
+# robustness (issue 9): precision, empty reductions
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("strategy_shape", [(4, [8], 1), (64, [16], 1), (64, [16], 64)])
+def test_fp16_rank_intermediate_does_not_overflow(name, device, ctx, strategy_shape):
+    """x = 200, A = 30 (fp16): h = 96000 overflows fp16 although y = 384 fits. Every path keeps the
+    rank-sized intermediate in fp32 (token-major, expert-sorted, dense GEMM)."""
+    E, ranks, k = strategy_shape
+    d_in, r = 16, ranks[0]
+    x = torch.full((3, d_in), 200.0, dtype=torch.float16, device=device)
+    A = [torch.full((E, r, d_in), 30.0, dtype=torch.float16, device=device)]
+    B = [torch.full((E, 8, r), 1.0 / (r * 250), dtype=torch.float16, device=device)]
+    ids = torch.arange(k, device=device).repeat(3, 1) % E
+    g = torch.full((3, k), 1.0 / k, device=device)
+    with ctx():
+        y = torch.ops.loramix.routed_lora(x, A, B, ids, g, 1.0)
+        dy = torch.full((3, 8), 0.1, dtype=torch.float16, device=device)  # every gradient fits fp16
+        got = torch.ops.loramix.routed_lora_backward(dy, x, A, B, ids, g, 1.0)
+    want = oracle(*to_device((x, A, B, ids, g), "cpu"), 1.0)
+    assert torch.isfinite(y).all()
+    assert_close(y, want, torch.float16)
+    expect = _oracle_grads((x, A, B, ids, g), dy, 1.0)
+    for a, b in zip([got[0], *got[1], *got[2], got[3]], [expect[0], *expect[1], *expect[2], expect[3]]):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, torch.float16)
+
+
+@pytest.mark.parametrize("name, device, ctx", backends())
+@pytest.mark.parametrize("E, ranks, k", [(4, [8], 2), (64, [16], 2), (64, [16], 64)])
+def test_empty_d_in_is_zero(name, device, ctx, E, ranks, k):
+    """d_in = 0: an empty reduction, y = 0 (out unchanged); the Triton launcher used to divide by 0."""
+    x, A, B, ids, g = make_case(5, 0, ranks, [8], E, k, device=device)
+    with ctx():
+        y = torch.ops.loramix.routed_lora(x, A, B, ids, g, 1.0)
+        out = torch.ones(5, 8, device=device)
+        torch.ops.loramix.routed_lora_add_(out, x, A, B, ids, g, 1.0)
+        gx, ga, gb, gg = torch.ops.loramix.routed_lora_backward(torch.ones(5, 8, device=device),
+                                                                x, A, B, ids, g, 1.0)
+    assert y.shape == (5, 8) and (y == 0).all() and (out == 1).all()
+    assert gx.shape == (5, 0) and (gg == 0).all() and all((t == 0).all() for t in gb)

@@ -14,9 +14,41 @@ import torch
 
 import loramix_kernels  # noqa: F401
 from loramix_kernels import _backend
-from loramix_kernels.ops.routed_lora import routed_lora_two_launch
+from loramix_kernels.ops.routed_lora import (kernel_numerics, slice_kwargs, sort_pairs, sorted_config,
+                                             sorted_meta_kwargs)
 from loramix_kernels.reference.routed_lora import (
     dense_pack, routed_lora_backward_dense, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
+
+def routed_lora_two_launch(x, lora_a, lora_b, expert_ids, gates, scaling):
+    """Baseline (c), Triton: the vLLM design, shrink and expand as two launches per slice with an
+    fp32 ``[T*k, r]`` intermediate in global memory (same expert-sorted metadata as ours). Inputs
+    as for ``routed_lora`` (not validated: a baseline, fed by ``make_inputs``)."""
+    from loramix_kernels.kernels.routed_lora import _sorted_expand_kernel, _sorted_shrink_kernel
+
+    T, d_in = x.shape
+    E, K = lora_a[0].shape[0], expert_ids.shape[1]
+    ws = torch.zeros(T, sum(b.shape[1] for b in lora_b), dtype=torch.float32, device=x.device)
+    if T == 0 or K == 0 or d_in == 0:
+        return ws.to(x.dtype)
+    P = T * K
+    block_m, block_n, block_k, nsplit, _, _ = sorted_config(x, P, E, lora_a, lora_b)
+    meta = sort_pairs(expert_ids, E, block_m)
+    num = kernel_numerics(x.dtype)
+    for s in range(len(lora_a)):
+        h = torch.empty(P, lora_a[s].shape[1], dtype=torch.float32, device=x.device)
+        sizes = dict(gates_ptr=gates, E=E, K=K, stride_gt=gates.stride(0), stride_gk=gates.stride(1),
+                     stride_hp=h.stride(0), BLOCK_M=block_m, DOT_FP32=num["DOT_FP32"], IEEE=num["IEEE"],
+                     **sorted_meta_kwargs(meta))
+        kw = slice_kwargs(lora_a, lora_b, [s], slots=1, b=False, cols=False)
+        _sorted_shrink_kernel[(meta[-1],)](
+            x_ptr=x, h_ptr=h, D_IN=d_in, stride_xt=x.stride(0), stride_xk=x.stride(1),
+            scaling=float(scaling), BLOCK_K=block_k, **sizes, **kw)
+        kw = slice_kwargs(lora_a, lora_b, [s], slots=1, a=False)
+        _sorted_expand_kernel[(meta[-1] * nsplit,)](
+            h_ptr=h, y_ptr=ws, stride_yt=ws.stride(0), stride_yn=ws.stride(1), BLOCK_N=block_n,
+            NSPLIT=nsplit, H_FP32=num["H_FP32"], num_warps=8 if block_m >= 64 else 4, **sizes, **kw)
+    return ws.to(x.dtype)
+
 
 SLICES = {"qkv": [4096, 1024, 1024], "single": [4096]}
 

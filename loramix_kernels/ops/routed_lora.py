@@ -1,7 +1,11 @@
-"""Routed multi-LoRA projections (LoRA-Mixer): ``routed_lora``, ``routed_lora_add_``.
+"""Routed multi-LoRA projections (LoRA-Mixer): ``routed_lora``, ``routed_lora_add_`` and the
+backward op ``routed_lora_backward``.
 
-Registration (schema, CPU / CUDA / fake kernels, autograd), the launchers that validate, allocate,
-pick a strategy and tiles and launch the Triton kernels, and the public functions.
+``validate_routed_lora`` / ``validate_routed_lora_add`` / ``validate_routed_lora_backward``, the
+launchers ``routed_lora_triton`` / ``routed_lora_add_triton`` / ``routed_lora_backward_triton``
+(strategy, tiles, keyword arguments of ``kernels/routed_lora.py``), the CPU kernels
+``routed_lora_cpu`` / ``routed_lora_add_cpu`` / ``routed_lora_backward_cpu``, the registration
+(``ops/_registry.py``) and the public functions. Importing this module does not import triton.
 
 Strategy heuristic (documented choice, see ``choose_strategy``)
 ---------------------------------------------------------------
@@ -23,6 +27,8 @@ Strategy heuristic (documented choice, see ``choose_strategy``)
 
 Backward (``loramix::routed_lora_backward``)
 --------------------------------------------
+* Only the gradients autograd needs are computed (the op's trailing ``needs`` flags come from
+  ``ctx.needs_input_grad``): frozen experts cost no dA / dB work, a frozen input no dx.
 * Shapes that run ``token_major`` / ``dense_gemm`` forward: the dense masked form in PyTorch
   (``routed_lora_backward_dense``): a few GEMMs, no host sync.
 * ``expert_sorted`` shapes on the Triton path: ``routed_lora_backward_sorted``, two Triton launches
@@ -31,6 +37,28 @@ Backward (``loramix::routed_lora_backward``)
   and launches ~10 small kernels per expert (E = 64: hundreds of launches), which dominates the
   time and cannot be captured in a CUDA graph. On the PyTorch path the per-expert loop stays
   (``routed_lora_backward_ref``): on CPU it computes only routed work with BLAS, which is fastest.
+* Double backward (a gradient of these gradients) is not supported: it raises.
+
+Precision of each path (all accumulate in fp32; float64 inputs in float64)
+--------------------------------------------------------------------------
+* CPU: x and the weights are read in fp32 (float64 stays float64); the rank-sized intermediate
+  ``h = A x`` and ``h * g * scaling`` stay fp32; y is rounded once to x's dtype (``out +=``: the
+  sum ``out + y`` is formed in fp32 and rounded once).
+* Triton: the shrink dots take x / A in their dtype with fp32 accumulation (fp32 inputs: IEEE
+  fp32, not tf32). The gated intermediate is rounded to the weights' dtype for the expand
+  (tensor cores) for bf16 (fp32's exponent range: it cannot overflow) and fp32; for fp16 it stays
+  fp32 and the expand runs on fp32 operands (tf32 tensor cores, whose 10-bit mantissa is fp16's),
+  so ``|h|`` beyond 65504 does not overflow. The backward kernels do the same for dh = w u and h.
+* float64: no Triton kernel; float64 inputs run the PyTorch kernels on every device (gradcheck).
+
+Isolation: a token's output and gradients depend only on the experts it is routed to (and an
+expert's gradients only on its tokens): inf / NaN in the weights of an expert a token does not use,
+in the gate of an empty slot or in x rows of other tokens never reach it. On the CPU path the dense
+GEMMs are checked for non-finite results and, if any, redone per expert; the Triton token-major
+kernel zeroes non-finite B entries in its dense dot and sets the outputs of tokens routed to such
+an expert to NaN (the per-expert form gives inf or NaN there). Known gap: the dense PyTorch
+backward on CUDA (token-major / dense shapes) has no such check (it would cost a host sync), so a
+non-finite weight of an unused expert can reach dx there.
 """
 
 from __future__ import annotations
@@ -38,30 +66,19 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_shape, check_tensor
-from ..reference.routed_lora import (
-    gate_matrix, routed_lora_backward_dense, routed_lora_backward_ref, routed_lora_ref)
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
+                       check_shape, check_tensor, check_writable)
+from .._tiles import cdiv, pow2_at_least
+from ..reference.routed_lora import (NEEDS_ALL, gate_matrix, route_mask, routed_lora_backward_dense,
+                                     routed_lora_backward_ref, routed_lora_ref)
+from ._registry import LIB, register_op
 
-_OP = "routed_lora"
 MAX_SLICES_PER_LAUNCH = 3
-
-torch.library.define(
-    "loramix::routed_lora",
-    "(Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor expert_ids, Tensor gates, float scaling) -> Tensor",
-)
-torch.library.define(
-    "loramix::routed_lora_add_",
-    "(Tensor(a!) out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor expert_ids, Tensor gates, "
-    "float scaling) -> ()",
-)
-torch.library.define(
-    "loramix::routed_lora_backward",
-    "(Tensor grad_y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor expert_ids, Tensor gates, "
-    "float scaling) -> (Tensor, Tensor[], Tensor[], Tensor)",
-)
+#: Accepted x / weight / gate dtypes: the Triton kernels' fp16 / bf16 / fp32, plus float64 (run by
+#: the PyTorch kernels on every device, for gradcheck).
+DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 # ------------------------------------------------------------------------------------------
@@ -69,12 +86,52 @@ torch.library.define(
 # ------------------------------------------------------------------------------------------
 
 
-def validate(x, lora_a, lora_b, expert_ids, gates, scaling, op=_OP):
-    """Metadata checks (fake-safe) plus, where ``check_values`` allows, the expert-id range.
+def _routed_metadata_ok(x, lora_a, lora_b, expert_ids, gates, scaling):
+    """The metadata checks of :func:`_check_routed_metadata` as one boolean pass, no messages built
+    (decode calls are host-bound: this keeps validation at a few microseconds). Returns
+    (T, d_in, E, k, d_out), or None when something is wrong (the detailed pass then says what)."""
+    T_ = torch.Tensor
+    if not (isinstance(x, T_) and x.dim() == 2 and x.dtype in DTYPES and isinstance(lora_a, (list, tuple))
+            and isinstance(lora_b, (list, tuple)) and 0 < len(lora_a) == len(lora_b)):
+        return None
+    T, d_in = x.shape
+    dt, dev = x.dtype, x.device
+    E = lora_a[0].shape[0] if isinstance(lora_a[0], T_) and lora_a[0].dim() == 3 else 0
+    d_out = 0
+    for a, b in zip(lora_a, lora_b):
+        if not (isinstance(a, T_) and isinstance(b, T_) and a.dim() == 3 and b.dim() == 3
+                and a.dtype == dt and b.dtype == dt and a.device == dev and b.device == dev):
+            return None
+        ea, r, da = a.shape
+        eb, n, rb = b.shape
+        if not (ea == E and eb == E and da == d_in and r >= 1 and rb == r):
+            return None
+        d_out += n
+    if not (E > 0 and isinstance(expert_ids, T_) and expert_ids.dim() == 2
+            and expert_ids.dtype in INDEX_DTYPES and expert_ids.device == dev
+            and expert_ids.shape[0] == T and isinstance(gates, T_) and gates.dim() == 2
+            and gates.dtype in DTYPES and gates.device == dev
+            and tuple(gates.shape) == tuple(expert_ids.shape)
+            and isinstance(scaling, (int, float)) and math.isfinite(scaling)):
+        return None
+    return T, d_in, E, expert_ids.shape[1], d_out
 
-    Returns (T, d_in, E, k, d_out_total).
-    """
-    check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+
+def _check_routed(op, x, lora_a, lora_b, expert_ids, gates, scaling):
+    """The checks every routed_lora op shares; errors name ``op``. Returns (T, d_in, E, k, d_out)."""
+    info = _routed_metadata_ok(x, lora_a, lora_b, expert_ids, gates, scaling)
+    if info is None:
+        info = _check_routed_metadata(op, x, lora_a, lora_b, expert_ids, gates, scaling)
+    if _backend.check_values(expert_ids) and expert_ids.numel():
+        lo, hi = torch.aminmax(expert_ids)
+        if int(lo) < -1 or int(hi) >= info[2]:
+            check_index_range(op, "expert_ids", expert_ids, -1, info[2])
+    return info
+
+
+def _check_routed_metadata(op, x, lora_a, lora_b, expert_ids, gates, scaling):
+    """The metadata checks one by one, each failure with its message."""
+    check_tensor(op, "x", x, ndim=2, dtypes=DTYPES)
     T, d_in = x.shape
     dev = x.device
     check(isinstance(lora_a, (list, tuple)) and len(lora_a) > 0, op, "lora_a",
@@ -100,28 +157,60 @@ def validate(x, lora_a, lora_b, expert_ids, gates, scaling, op=_OP):
     check_tensor(op, "expert_ids", expert_ids, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     check(expert_ids.shape[0] == T, op, "expert_ids", f"must be [T={T}, k], got {list(expert_ids.shape)}")
     k = expert_ids.shape[1]
-    check_tensor(op, "gates", gates, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    check_tensor(op, "gates", gates, ndim=2, dtypes=DTYPES, device=dev)
     check_shape(op, "gates", gates, (T, k))
     check(isinstance(scaling, (int, float)) and math.isfinite(scaling), op, "scaling",
           f"must be a finite float, got {scaling!r}")
-    if _backend.check_values(expert_ids):
-        check_index_range(op, "expert_ids", expert_ids, -1, E)
     return T, d_in, E, k, d_out
 
 
-# ------------------------------------------------------------------------------------------
-# launchers
-# ------------------------------------------------------------------------------------------
+def validate_routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling):
+    """Metadata checks (fake-safe) plus, where ``check_values`` allows, the expert-id range.
+    Returns (T, d_in, E, k, d_out)."""
+    return _check_routed("routed_lora", x, lora_a, lora_b, expert_ids, gates, scaling)
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+def validate_routed_lora_add(out, x, lora_a, lora_b, expert_ids, gates, scaling):
+    """As :func:`validate_routed_lora` (errors name ``routed_lora_add_``), plus ``out``: shape,
+    dtype, no overlapping elements (no ``expand()``-ed view) and no memory shared with an input."""
+    op = "routed_lora_add_"
+    info = _check_routed(op, x, lora_a, lora_b, expert_ids, gates, scaling)
+    T, _, _, _, d_out = info
+    check_tensor(op, "out", out, ndim=2, dtypes=DTYPES, device=x.device)
+    check_shape(op, "out", out, (T, d_out))
+    check_writable(op, "out", out)
+    check_no_alias(op, "out", out, dict(x=x, lora_a=lora_a, lora_b=lora_b, expert_ids=expert_ids,
+                                        gates=gates))
+    return info
+
+
+def validate_routed_lora_backward(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
+    """As :func:`validate_routed_lora` (errors name ``routed_lora_backward``), plus ``grad_y``
+    ``[T, d_out]`` and ``needs`` (None or four bools: dx, dA, dB, d_gates)."""
+    op = "routed_lora_backward"
+    info = _check_routed(op, x, lora_a, lora_b, expert_ids, gates, scaling)
+    T, _, _, _, d_out = info
+    check_tensor(op, "grad_y", grad_y, ndim=2, dtypes=DTYPES, device=x.device)
+    check_shape(op, "grad_y", grad_y, (T, d_out))
+    check(needs is None or (isinstance(needs, (list, tuple)) and len(needs) == 4
+                            and all(isinstance(n, bool) for n in needs)), op, "needs",
+          f"must be None or four bools [dx, dA, dB, d_gates], got {needs!r}")
+    return info
+
+
+def _needs(needs):
+    return NEEDS_ALL if needs is None else tuple(bool(n) for n in needs)
+
+
+# ------------------------------------------------------------------------------------------
+# strategy, splits, kernel arguments
+# ------------------------------------------------------------------------------------------
 
 
 def choose_strategy(E: int, ranks, k: int = 1) -> str:
     """``token_major`` if the padded ``E * r`` rows of every slice fit the register budget, else
     ``dense_gemm`` for dense-ish routing (``2 k >= E``), else ``expert_sorted``."""
-    if max(_pow2(E * r) for r in ranks) <= 256:
+    if max(pow2_at_least(E * r) for r in ranks) <= 256:
         return "token_major"
     return "dense_gemm" if 2 * k >= E else "expert_sorted"
 
@@ -130,18 +219,8 @@ def _groups(n):
     return [list(range(i, min(i + MAX_SLICES_PER_LAUNCH, n))) for i in range(0, n, MAX_SLICES_PER_LAUNCH)]
 
 
-def _slice_args(lora_a, lora_b, idx, cols):
-    """Per-slice pointers / sizes / strides for the 3 slice slots (unused slots repeat slot 0)."""
-    pad = idx + [idx[0]] * (MAX_SLICES_PER_LAUNCH - len(idx))
-    ptrs = [t for s in pad for t in (lora_a[s], lora_b[s])]
-    ranks = [lora_a[s].shape[1] for s in pad]
-    widths = [lora_b[s].shape[1] for s in pad]
-    col = [cols[s] for s in pad]
-    strides = [st for s in pad for st in (*lora_a[s].stride(), *lora_b[s].stride())]
-    return ptrs, ranks, widths, col, strides
-
-
-def _col_offsets(lora_b):
+def col_offsets(lora_b):
+    """First output column of each slice."""
     cols, o = [], 0
     for b in lora_b:
         cols.append(o)
@@ -149,28 +228,85 @@ def _col_offsets(lora_b):
     return cols
 
 
+def slice_kwargs(lora_a, lora_b, idx, *, slots=MAX_SLICES_PER_LAUNCH, a=True, b=True, cols=True,
+                 rank="r", row_offsets=None, grads=None):
+    """THE builder of the per-slice keyword arguments of every routed_lora kernel launch.
+
+    Slot ``j`` (``0 <= j < slots``) of the launch holds slice ``idx[j]``; slots past
+    ``len(idx)`` repeat ``idx[0]`` and are never touched by the kernels (``NUM_SLICES``). Per slot,
+    with ``cols``: ``n{j}`` (width) and ``col{j}`` (first output column); with ``a``: ``a{j}_ptr`` and
+    ``stride_a{j}e / r / k`` (lora_a ``[E, r, d_in]``); with ``b``: ``b{j}_ptr`` and
+    ``stride_b{j}e / n / r`` (lora_b ``[E, d_out, r]``); ``rank="r"``: runtime ``r{j}`` and its
+    padded ``RP{j}`` (constexpr), ``rank="R"``: constexpr ``R{j}`` and ``ER{j}`` (padded ``E*r``;
+    16 for unused slots); ``row_offsets``: ``ro{j}`` (column of the slice in an fp32 [pairs, sum r]
+    workspace); ``grads`` = (dA list, dB list): ``da{j}_ptr`` / ``db{j}_ptr``.
+    """
+    pad = list(idx) + [idx[0]] * (slots - len(idx))
+    first_col = col_offsets(lora_b)
+    kw = {"NUM_SLICES": len(idx)} if slots > 1 else {}
+    for j, s in enumerate(pad):
+        A, B = lora_a[s], lora_b[s]
+        r = A.shape[1]
+        if cols:
+            kw[f"n{j}"] = B.shape[1]
+            kw[f"col{j}"] = first_col[s]
+        if a:
+            kw[f"a{j}_ptr"] = A
+            kw.update({f"stride_a{j}{d}": st for d, st in zip("erk", A.stride())})
+        if b:
+            kw[f"b{j}_ptr"] = B
+            kw.update({f"stride_b{j}{d}": st for d, st in zip("enr", B.stride())})
+        if rank == "r":
+            kw[f"r{j}"] = r
+            kw[f"RP{j}"] = pow2_at_least(r)
+        else:
+            kw[f"R{j}"] = r
+            kw[f"ER{j}"] = pow2_at_least(A.shape[0] * r) if j < len(idx) else 16
+        if row_offsets is not None:
+            kw[f"ro{j}"] = row_offsets[s]
+        if grads is not None:
+            kw[f"da{j}_ptr"] = grads[0][s]
+            kw[f"db{j}_ptr"] = grads[1][s]
+    return kw
+
+
+def kernel_numerics(dtype):
+    """Constexprs shared by every launch: DOT_FP32 (bf16 under the interpreter, see
+    ``_backend.dot_fp32``), H_FP32 (fp16: the gated rank-sized intermediate stays fp32 into the
+    expand, it could overflow fp16) and IEEE (fp32 inputs: full fp32 products, not tf32)."""
+    return dict(DOT_FP32=_backend.dot_fp32(dtype), H_FP32=dtype == torch.float16,
+                IEEE=dtype == torch.float32)
+
+
+def decode_shares(x, programs: int, max_shares: int) -> int:
+    """Programs per row tile: 1 when the row tiles alone give at least half a wave (prefill), else
+    about two programs per SM in all, at most ``max_shares`` (at most 2 under the interpreter, to
+    keep its grids small; tests force larger splits)."""
+    if programs >= _backend.sm_count(x) // 2:
+        return 1
+    per = cdiv(2 * _backend.sm_count(x), max(programs, 1))
+    if _backend.INTERPRET:
+        per = min(per, 2)
+    return max(1, min(per, max_shares))
+
+
 def plan_splits(x, programs, n_tiles, d_in, block_k, a_over_b, splits=None):
     """(NSPLIT, KSPLIT, K_CHUNK): how many column shares and d_in chunks each row tile is cut into.
 
     Nothing is split when the row tiles alone give at least half a wave (prefill). Otherwise (decode)
-    aim at two programs per SM, cutting d_in and the columns in the ratio of the A and B bytes each
-    program would read (``a_over_b``), so that every program moves about the same number of bytes.
-    ``splits`` overrides the choice (tests).
+    ``decode_shares`` programs per row tile, cutting d_in and the columns in the ratio of the A and
+    B bytes each program would read (``a_over_b``), so that every program moves about the same
+    number of bytes. ``splits`` overrides the choice (tests).
     """
-    kmax = triton.cdiv(d_in, block_k)
+    kmax = cdiv(d_in, block_k)
     if splits is not None:
         nsplit, ksplit = splits
-    elif programs >= _backend.sm_count(x) // 2:
-        nsplit, ksplit = 1, 1
     else:
-        per = triton.cdiv(2 * _backend.sm_count(x), max(programs, 1))
-        ksplit = int(round(math.sqrt(per * a_over_b)))
-        ksplit = max(1, min(ksplit, kmax, per))
+        per = decode_shares(x, programs, kmax * n_tiles)
+        ksplit = max(1, min(int(round(math.sqrt(per * a_over_b))), kmax, per))
         nsplit = max(1, min(per // ksplit, n_tiles))
-        if _backend.INTERPRET:  # keep interpreter grids small; tests force larger splits
-            nsplit, ksplit = min(nsplit, 2), min(ksplit, 2)
-    k_chunk = triton.cdiv(triton.cdiv(d_in, max(1, ksplit)), block_k) * block_k
-    return max(1, nsplit), max(1, triton.cdiv(d_in, k_chunk)), k_chunk
+    k_chunk = cdiv(cdiv(d_in, max(1, ksplit)), block_k) * block_k
+    return max(1, nsplit), max(1, cdiv(d_in, k_chunk)), k_chunk
 
 
 def _destination(y, accumulate, atomic):
@@ -191,7 +327,7 @@ def _finish(y, dst, accumulate):
             y.copy_(dst)
 
 
-def token_major_tiles(T: int, er: int):
+def token_major_tiles(T: int, er: int, h_fp32: bool = False):
     """(BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages) for a slice of ``er`` padded E*r rows.
 
     BLOCK_T: the weights are re-read (from L2) once per token tile, so a tall tile keeps that
@@ -200,11 +336,13 @@ def token_major_tiles(T: int, er: int):
     (tests/test_sm90_compile.py checks it).
     """
     if _backend.INTERPRET:
-        return min(64, 16384 // er, _pow2(T)), 32, 32, 4, 1
+        return min(64, 16384 // er, pow2_at_least(T)), 32, 32, 4, 1
     # From compiling the candidates for sm_90 (triton 3.9, launch-time specialisation): the
     # tallest tiles without register spills (128 x 128 at E*r = 128 uses ~166 registers).
     block_t, block_n = {16: (128, 128), 32: (128, 128), 64: (128, 64), 128: (128, 128), 256: (64, 128)}[er]
-    block_t = min(block_t, _pow2(T))
+    if h_fp32:  # fp16: the [BLOCK_T, ER] gated tile and the [ER, BLOCK_N] B tile are fp32 in the expand
+        block_t, block_n = min(block_t, 8192 // er), min(block_n, 16384 // er)
+    block_t = min(block_t, pow2_at_least(T))
     return block_t, block_n, 64, 8 if block_t * er >= 4096 else 4, 2
 
 
@@ -212,38 +350,29 @@ def _token_major(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=N
     from ..kernels.routed_lora import _routed_lora_token_major_kernel
 
     T, d_in = x.shape
-    E, K = lora_a[0].shape[0], ids.shape[1]
-    cols = _col_offsets(lora_b)
-    er_all = [_pow2(E * a.shape[1]) for a in lora_a]
-    interp = _backend.INTERPRET
     launches = []
     for idx in _groups(len(lora_a)):
-        ptrs, ranks, widths, col, strides = _slice_args(lora_a, lora_b, idx, cols)
-        er = [er_all[s] for s in idx] + [16] * (MAX_SLICES_PER_LAUNCH - len(idx))
-        er_max = max(er[: len(idx)])
-        block_t, block_n, block_k, warps, stages = token_major_tiles(T, er_max)
-        n_tiles = max(triton.cdiv(w, block_n) for w in widths[: len(idx)])
-        n_t = triton.cdiv(T, block_t)
-        a_over_b = d_in * len(idx) / sum(widths[: len(idx)])
+        kw = slice_kwargs(lora_a, lora_b, idx, rank="R")
+        er_max = max(kw[f"ER{j}"] for j in range(len(idx)))
+        block_t, block_n, block_k, warps, stages = token_major_tiles(T, er_max, x.dtype == torch.float16)
+        widths = [lora_b[s].shape[1] for s in idx]
+        n_tiles = max(cdiv(w, block_n) for w in widths)
+        n_t = cdiv(T, block_t)
+        a_over_b = d_in * len(idx) / sum(widths)
         nsplit, ksplit, k_chunk = plan_splits(x, n_t * len(idx), n_tiles, d_in, block_k, a_over_b, splits)
-        launches.append(dict(
-            args=(ptrs, widths, col, strides, k_chunk), grid=(n_t * len(idx) * nsplit * ksplit,),
-            meta=dict(NUM_SLICES=len(idx), R0=ranks[0], R1=ranks[1], R2=ranks[2],
-                      ER0=er[0], ER1=er[1], ER2=er[2], BLOCK_T=block_t, BLOCK_K=block_k,
-                      BLOCK_N=block_n, NSPLIT=nsplit, KSPLIT=ksplit, ATOMIC=ksplit > 1,
-                      num_warps=warps, num_stages=stages)))
+        kw.update(K_CHUNK=k_chunk, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_N=block_n, NSPLIT=nsplit,
+                  KSPLIT=ksplit, ATOMIC=ksplit > 1, num_warps=warps, num_stages=stages)
+        launches.append(((n_t * len(idx) * nsplit * ksplit,), kw))
     # One destination for every slice group (their columns are disjoint).
-    dst = _destination(y, accumulate, any(ln["meta"]["ATOMIC"] for ln in launches))
-    for ln in launches:
-        ptrs, widths, col, strides, k_chunk = ln["args"]
-        _routed_lora_token_major_kernel[ln["grid"]](
-            x, ids, gates, dst, *ptrs,
-            T, d_in, k_chunk, E, K, *widths, *col,
-            x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), gates.stride(0), gates.stride(1),
-            dst.stride(0), dst.stride(1), *strides, float(scaling),
-            ACCUMULATE=accumulate and dst is y, DOT_FP32=_backend.dot_fp32(x.dtype),
-            IEEE=x.dtype == torch.float32, **ln["meta"],
-        )
+    dst = _destination(y, accumulate, any(kw["ATOMIC"] for _, kw in launches))
+    for grid, kw in launches:
+        _routed_lora_token_major_kernel[grid](
+            x_ptr=x, ids_ptr=ids, gates_ptr=gates, y_ptr=dst, T=T, D_IN=d_in,
+            E=lora_a[0].shape[0], K=ids.shape[1],
+            stride_xt=x.stride(0), stride_xk=x.stride(1), stride_it=ids.stride(0),
+            stride_ik=ids.stride(1), stride_gt=gates.stride(0), stride_gk=gates.stride(1),
+            stride_yt=dst.stride(0), stride_yn=dst.stride(1), scaling=float(scaling),
+            ACCUMULATE=accumulate and dst is y, **kernel_numerics(x.dtype), **kw)
     _finish(y, dst, accumulate)
 
 
@@ -264,7 +393,7 @@ def sort_pairs(ids: torch.Tensor, E: int, block_m: int):
     starts = torch.cumsum(counts, 0) - counts
     nblk = (counts + block_m - 1) // block_m
     blk_cum = torch.cumsum(nblk, 0)
-    max_blocks = triton.cdiv(P, block_m) + E
+    max_blocks = cdiv(P, block_m) + E
     b = torch.arange(max_blocks, device=ids.device)
     blk_expert = torch.searchsorted(blk_cum, b, right=True)
     e_c = blk_expert.clamp(max=E - 1)
@@ -275,12 +404,18 @@ def sort_pairs(ids: torch.Tensor, E: int, block_m: int):
             blk_end.to(torch.int32), max_blocks)
 
 
+def sorted_meta_kwargs(sorted_meta):
+    order, blk_e, blk_s, blk_t, _ = sorted_meta
+    return dict(order_ptr=order, blk_expert_ptr=blk_e, blk_start_ptr=blk_s, blk_end_ptr=blk_t)
+
+
 def sorted_block_m(P: int, E: int) -> int:
     """Rows per expert-sorted block: 64 once experts average more than 64 pairs, else 16."""
     return 16 if (_backend.INTERPRET or P <= 64 * E) else 64
 
 
-def _sorted_config(x, P, E, lora_a, lora_b, splits=None):
+def sorted_config(x, P, E, lora_a, lora_b, splits=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, NSPLIT, KSPLIT, K_CHUNK) of the expert-sorted forward."""
     interp = _backend.INTERPRET
     block_m = sorted_block_m(P, E)
     # BLOCK_M = 64 rows: 64-wide column tiles at 8 warps, BLOCK_M = 16: 128 wide at 4 warps, the
@@ -288,9 +423,9 @@ def _sorted_config(x, P, E, lora_a, lora_b, splits=None):
     block_n = 32 if interp else (64 if block_m >= 64 else 128)
     block_k = 32 if interp else 64
     d_in = x.shape[1]
-    n_tiles = sum(triton.cdiv(b.shape[1], block_n) for b in lora_b)
+    n_tiles = sum(cdiv(b.shape[1], block_n) for b in lora_b)
     # Blocks that will really have rows: one per active expert at decode, ~P / BLOCK_M at prefill.
-    est_blocks = max(triton.cdiv(P, block_m), min(E, P))
+    est_blocks = max(cdiv(P, block_m), min(E, P))
     a_over_b = d_in * sum(a.shape[1] for a in lora_a) / sum(b.shape[1] * b.shape[2] for b in lora_b)
     nsplit, ksplit, k_chunk = plan_splits(x, est_blocks, n_tiles, d_in, block_k, a_over_b, splits)
     return block_m, block_n, block_k, nsplit, ksplit, k_chunk
@@ -302,75 +437,84 @@ def _expert_sorted(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits
     T, d_in = x.shape
     E, K = lora_a[0].shape[0], ids.shape[1]
     P = T * K
-    block_m, block_n, block_k, nsplit, ksplit, k_chunk = _sorted_config(x, P, E, lora_a, lora_b, splits)
-    order, blk_e, blk_s, blk_t, max_blocks = sort_pairs(ids, E, block_m)
+    block_m, block_n, block_k, nsplit, ksplit, k_chunk = sorted_config(x, P, E, lora_a, lora_b, splits)
+    meta = sort_pairs(ids, E, block_m)
     # k == 1 without a d_in split: every token is one row of exactly one block, so rows are
     # stored without atomics (tokens whose only slot is empty get no row: y is zeroed first).
     atomic = K > 1 or ksplit > 1
     dst = _destination(y, accumulate, atomic)
     if not atomic and not accumulate:
         y.zero_()
-    accumulate_dst = accumulate and dst is y
-    cols = _col_offsets(lora_b)
     for idx in _groups(len(lora_a)):
-        ptrs, ranks, widths, col, strides = _slice_args(lora_a, lora_b, idx, cols)
-        rp = [_pow2(r) for r in ranks]
-        _routed_lora_sorted_kernel[(max_blocks * nsplit * ksplit,)](
-            x, gates, dst, order, blk_e, blk_s, blk_t, *ptrs,
-            d_in, k_chunk, E, K, *ranks, *widths, *col,
-            x.stride(0), x.stride(1), gates.stride(0), gates.stride(1), dst.stride(0), dst.stride(1),
-            *strides, float(scaling),
-            NUM_SLICES=len(idx), RP0=rp[0], RP1=rp[1], RP2=rp[2],
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NSPLIT=nsplit, KSPLIT=ksplit,
-            ATOMIC=atomic, ACCUMULATE=accumulate_dst, DOT_FP32=_backend.dot_fp32(x.dtype),
-            IEEE=x.dtype == torch.float32, num_warps=8 if block_m >= 64 else 4,
-        )
+        _routed_lora_sorted_kernel[(meta[-1] * nsplit * ksplit,)](
+            x_ptr=x, gates_ptr=gates, y_ptr=dst, **sorted_meta_kwargs(meta), D_IN=d_in, K_CHUNK=k_chunk,
+            E=E, K=K, stride_xt=x.stride(0), stride_xk=x.stride(1), stride_gt=gates.stride(0),
+            stride_gk=gates.stride(1), stride_yt=dst.stride(0), stride_yn=dst.stride(1),
+            scaling=float(scaling), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+            NSPLIT=nsplit, KSPLIT=ksplit, ATOMIC=atomic, ACCUMULATE=accumulate and dst is y,
+            num_warps=8 if block_m >= 64 else 4, **kernel_numerics(x.dtype),
+            **slice_kwargs(lora_a, lora_b, idx))
     _finish(y, dst, accumulate)
 
 
 def _dense_gemm(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=None):
-    """Dense routing with large E*r: two cuBLAS GEMMs per slice around an fp32 gate scaling."""
+    """Dense routing with large E*r: two cuBLAS GEMMs per slice around an fp32 gate scaling.
+
+    Isolation without a host sync: the gating is a torch.where on the route mask (an unused
+    expert's inf / NaN in h does not reach a token), the expand GEMM runs on B with its non-finite
+    entries zeroed, and the outputs of tokens routed to an expert with a non-finite B entry in a
+    column are set to NaN there (what the per-expert form gives is inf or NaN). fp16: h and the
+    expand in fp32 (no fp16 overflow of the rank-sized intermediate)."""
     T = x.shape[0]
     E = lora_a[0].shape[0]
+    cdt = torch.float32 if x.dtype == torch.float16 else x.dtype
     gm = gate_matrix(ids, gates, E) * scaling  # [T, E] fp32, empty / out-of-range slots dropped
-    for a, b, col in zip(lora_a, lora_b, _col_offsets(lora_b)):
+    routed = route_mask(ids, E)
+    for a, b, col in zip(lora_a, lora_b, col_offsets(lora_b)):
         r, n = a.shape[1], b.shape[1]
-        h = x @ a.reshape(E * r, -1).t()
-        hg = (h.view(T, E, r).float() * gm.unsqueeze(-1)).to(x.dtype).view(T, E * r)
-        ys = hg @ b.permute(1, 0, 2).reshape(n, E * r).t()
+        h = x.to(cdt) @ a.reshape(E * r, -1).to(cdt).t()
+        hg = torch.where(routed.unsqueeze(-1), h.view(T, E, r).float() * gm.unsqueeze(-1), 0)
+        b_cat = b.permute(1, 0, 2).reshape(n, E * r)
+        finite = torch.isfinite(b_cat)
+        ys = hg.to(cdt).view(T, E * r) @ torch.where(finite, b_cat, 0).to(cdt).t()
+        bad_cols = (~finite).view(n, E, r).any(-1).t()  # [E, n]: expert e has a non-finite B[e, col]
+        ys = torch.where(routed.to(cdt) @ bad_cols.to(cdt) > 0, float("nan"), ys)
         if accumulate:
             y[:, col:col + n] += ys
         else:
             y[:, col:col + n] = ys
 
 
-def routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=None, strategy=None,
-                        splits=None):
-    """Launcher: validate, allocate, pick a strategy (``choose_strategy`` unless given), launch.
+_STRATEGIES = {"token_major": _token_major, "expert_sorted": _expert_sorted, "dense_gemm": _dense_gemm}
 
-    With ``out`` given, adds into it in place (``routed_lora_add_``) and returns it. ``strategy``
-    and ``splits`` = (column shares, d_in chunks) override the heuristics (tests, benchmarks).
-    """
-    T, d_in, E, k, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling)
+
+def routed_lora_triton(x, lora_a, lora_b, expert_ids, gates, scaling, *, out=None, strategy=None,
+                       splits=None):
+    """Launcher (called after validation): allocate, pick a strategy (``choose_strategy`` unless
+    given), launch. With ``out``, adds into it in place (the ``routed_lora_add_`` launcher) and
+    returns it. ``strategy`` and ``splits`` = (column shares, d_in chunks) override the heuristics
+    (tests, benchmarks). float64 inputs run the PyTorch kernels (no float64 Triton kernel)."""
+    if x.dtype == torch.float64:
+        return _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out)
+    T, d_in = x.shape
+    k = expert_ids.shape[1]
+    d_out = sum(b.shape[1] for b in lora_b)
     accumulate = out is not None
-    if accumulate:
-        check_tensor("routed_lora_add_", "out", out, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-        check_shape("routed_lora_add_", "out", out, (T, d_out))
-        y = out
-    else:
-        y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
+    y = out if accumulate else torch.empty(T, d_out, dtype=x.dtype, device=x.device)
     if T == 0 or d_out == 0:
         return y
-    if k == 0:
+    if k == 0 or d_in == 0:  # nothing routed, or an empty reduction: y = 0
         return y if accumulate else y.zero_()
-    strategy = strategy or choose_strategy(E, [a.shape[1] for a in lora_a], k)
+    strategy = strategy or choose_strategy(lora_a[0].shape[0], [a.shape[1] for a in lora_a], k)
     if strategy not in _STRATEGIES:
         raise ValueError(f"routed_lora: strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
     _STRATEGIES[strategy](x, lora_a, lora_b, expert_ids, gates, scaling, y, accumulate, splits)
     return y
 
 
-_STRATEGIES = {"token_major": _token_major, "expert_sorted": _expert_sorted, "dense_gemm": _dense_gemm}
+def routed_lora_add_triton(out, x, lora_a, lora_b, expert_ids, gates, scaling):
+    """Launcher of ``routed_lora_add_``: ``routed_lora_triton`` adding into ``out``."""
+    routed_lora_triton(x, lora_a, lora_b, expert_ids, gates, scaling, out=out)
 
 
 def _grad_workspace(t):
@@ -378,9 +522,10 @@ def _grad_workspace(t):
     return torch.zeros(t.shape, dtype=torch.float32, device=t.device)
 
 
-def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, splits=None,
-                                validated=False):
+def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None,
+                                splits=None):
     """Triton backward of the expert-sorted regime: (dx, [dA_s], [dB_s], d_gates), no host sync.
+    Called after validation.
 
     Why: the per-expert PyTorch loop syncs once (``unique(...).tolist()``) and issues a dozen small
     launches per active expert, which at E = 64 costs more than the math and cannot be captured in
@@ -396,203 +541,190 @@ def routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, sc
        (share 0, one writer per pair), then the block's d_in tiles (dx = sum_s w u A_s, dA_s += w u^T x)
        and d_out tiles (dB_s += (w dy)^T h) dealt round robin to the shares. dA / dB are shared by
        every block of an expert and dx by a token's k slots, so they are fp32 atomic adds into zeroed
-       workspaces, cast to the input dtypes at the end (``ctx.needs_input_grad`` is not visible to
-       the op, so all four gradients are computed).
+       workspaces, cast to the input dtypes at the end.
 
-    At prefill the blocks fill the GPU and nothing is split; at decode (few blocks) KSPLIT / NSPLIT
-    follow ``plan_splits`` as in the forward. ``splits`` = (NSPLIT, KSPLIT) overrides (tests).
-    Gradients come back contiguous, in the inputs' dtypes (d_gates in gates' dtype).
+    ``needs`` = (dx, dA, dB, d_gates): a gradient not needed gets no workspace and no work (its
+    code is compiled out) and comes back as an empty tensor of its dtype (one per slice for dA /
+    dB). At prefill the blocks fill the GPU and nothing is split; at decode (few blocks) KSPLIT /
+    NSPLIT are ``decode_shares`` (the rule of ``plan_splits``) of each launch's tiles.
+    ``splits`` = (NSPLIT, KSPLIT) overrides (tests). Gradients come back contiguous, in the
+    inputs' dtypes (d_gates in gates' dtype).
     """
     from ..kernels.routed_lora import _routed_lora_bwd_expand_kernel, _routed_lora_bwd_shrink_kernel
 
-    if validated:  # by the op's kernel, just before
-        T, d_in, E, K = x.shape[0], x.shape[1], lora_a[0].shape[0], expert_ids.shape[1]
-    else:
-        T, d_in, E, K, d_out = _validate_backward(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
+    need_x, need_a, need_b, need_g = _needs(needs)
+    T, d_in = x.shape
+    E, K = lora_a[0].shape[0], expert_ids.shape[1]
     dev = x.device
-    gx = torch.zeros(T, d_in, dtype=torch.float32, device=dev)
-    ga = [_grad_workspace(a) for a in lora_a]
-    gb = [_grad_workspace(b) for b in lora_b]
+    gx = torch.zeros(T, d_in, dtype=torch.float32, device=dev) if need_x else None
+    ga = [_grad_workspace(a) for a in lora_a] if need_a else None
+    gb = [_grad_workspace(b) for b in lora_b] if need_b else None
     P = T * K
-    gg = torch.zeros(P, dtype=torch.float32, device=dev)
-    if P > 0 and d_in > 0:
+    gg = torch.zeros(P, dtype=torch.float32, device=dev) if need_g else None
+    if P > 0 and d_in > 0 and any((need_x, need_a, need_b, need_g)):
         interp = _backend.INTERPRET
         block_m = sorted_block_m(P, E)
         block_k = 32 if interp else 64
         block_n = 32 if interp else 64
         rsum = sum(a.shape[1] for a in lora_a)
-        est_blocks = max(triton.cdiv(P, block_m), min(E, P))
-        n_tiles = triton.cdiv(d_in, block_k) + sum(triton.cdiv(b.shape[1], block_n) for b in lora_b)
+        est_blocks = max(cdiv(P, block_m), min(E, P))
+        n_tiles = cdiv(d_in, block_k) + sum(cdiv(b.shape[1], block_n) for b in lora_b)
         if splits is not None:
             nsplit, ksplit = splits
-        elif est_blocks >= _backend.sm_count(x) // 2:
-            nsplit = ksplit = 1
         else:  # decode: about two programs per SM in each launch
-            per = triton.cdiv(2 * _backend.sm_count(x), est_blocks)
-            nsplit = ksplit = min(per, n_tiles)
-            if interp:  # keep interpreter grids small; tests force larger splits
-                nsplit = ksplit = min(nsplit, 2)
-        order, blk_e, blk_s, blk_t, max_blocks = sort_pairs(expert_ids, E, block_m)
+            nsplit = ksplit = decode_shares(x, est_blocks, n_tiles)
+        meta = sort_pairs(expert_ids, E, block_m)
         # Sorted rows' h and u; zeroed only when split shares add into them.
         alloc = torch.zeros if ksplit > 1 else torch.empty
         h_ws = alloc(P, rsum, dtype=torch.float32, device=dev)
         u_ws = alloc(P, rsum, dtype=torch.float32, device=dev)
         ro = [sum(a.shape[1] for a in lora_a[:s]) for s in range(len(lora_a))]  # workspace columns
-        cols = _col_offsets(lora_b)
         groups = _groups(len(lora_a))
-        dfp32, ieee = _backend.dot_fp32(x.dtype), x.dtype == torch.float32
+        # A gradient that is not needed: its kernel pointer is a placeholder that is never touched.
+        grads = ([g if g is not None else [x] * len(lora_a) for g in (ga, gb)])
+        num = kernel_numerics(x.dtype)
+        if num["H_FP32"]:  # fp16: dh and h stay fp32, so every dot of the expand takes fp32 operands
+            num["DOT_FP32"] = True
         # 8 warps for 64-row blocks: at 4 warps the [64, 64] fp32 dx / dA / dB tiles next to the
         # per-slice dh tiles exceed 255 registers per thread and spill (tests/sm90_compile).
-        common = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, DOT_FP32=dfp32, IEEE=ieee,
-                      num_warps=8 if block_m >= 64 else 4)
+        common = dict(x_ptr=x, dy_ptr=grad_y, gates_ptr=gates, h_ptr=h_ws, u_ptr=u_ws,
+                      **sorted_meta_kwargs(meta), D_IN=d_in, E=E, K=K,
+                      stride_xt=x.stride(0), stride_xk=x.stride(1), stride_dyt=grad_y.stride(0),
+                      stride_dyn=grad_y.stride(1), stride_gt=gates.stride(0),
+                      stride_gk=gates.stride(1), stride_hw=h_ws.stride(0),
+                      BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, DOT_FP32=num["DOT_FP32"],
+                      IEEE=num["IEEE"], num_warps=8 if block_m >= 64 else 4)
         for idx in groups:
-            pad = idx + [idx[0]] * (MAX_SLICES_PER_LAUNCH - len(idx))
-            ranks = [lora_a[s].shape[1] for s in pad]
-            widths = [lora_b[s].shape[1] for s in pad]
-            rp = [_pow2(r) for r in ranks]
-            meta = dict(NUM_SLICES=len(idx), RP0=rp[0], RP1=rp[1], RP2=rp[2], **common)
-            sizes = (*ranks, *widths, *[cols[s] for s in pad], *[ro[s] for s in pad])
-            a_str = [st for s in pad for st in lora_a[s].stride()]
-            b_str = [st for s in pad for st in lora_b[s].stride()]
-            ab = [t for s in pad for t in (lora_a[s], lora_b[s])]
-            _routed_lora_bwd_shrink_kernel[(max_blocks * ksplit,)](
-                x, grad_y, gates, h_ws, u_ws, order, blk_e, blk_s, blk_t, *ab, d_in, E, K, *sizes,
-                x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
-                gates.stride(0), gates.stride(1), h_ws.stride(0),
-                *[v for s in range(3) for v in (*a_str[3 * s:3 * s + 3], *b_str[3 * s:3 * s + 3])],
-                KSPLIT=ksplit, ATOMIC=ksplit > 1, **meta)
-            grads = [t for s in pad for t in (ga[s], gb[s])]
-            _routed_lora_bwd_expand_kernel[(max_blocks * nsplit,)](
-                x, grad_y, gates, h_ws, u_ws, gx, gg, order, blk_e, blk_s, blk_t,
-                *[lora_a[s] for s in pad], *grads, d_in, E, K, *sizes,
-                x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
-                gates.stride(0), gates.stride(1), gx.stride(0), h_ws.stride(0), *a_str, float(scaling),
-                NSPLIT=nsplit, GATE_ATOMIC=len(groups) > 1, **meta)
-    return (gx.to(x.dtype), [g.to(a.dtype) for g, a in zip(ga, lora_a)],
-            [g.to(b.dtype) for g, b in zip(gb, lora_b)], gg.view(T, K).to(gates.dtype))
+            _routed_lora_bwd_shrink_kernel[(meta[-1] * ksplit,)](
+                KSPLIT=ksplit, ATOMIC=ksplit > 1, **common,
+                **slice_kwargs(lora_a, lora_b, idx, row_offsets=ro))
+            _routed_lora_bwd_expand_kernel[(meta[-1] * nsplit,)](
+                dx_ptr=gx if need_x else x, dg_ptr=gg if need_g else x,
+                stride_dxt=gx.stride(0) if need_x else 0, scaling=float(scaling), NSPLIT=nsplit,
+                GATE_ATOMIC=len(groups) > 1, NEED_DX=need_x, NEED_DA=need_a, NEED_DB=need_b,
+                NEED_DG=need_g, H_FP32=num["H_FP32"], **common,
+                **slice_kwargs(lora_a, lora_b, idx, b=False, row_offsets=ro, grads=grads))
+    return (gx.to(x.dtype) if need_x else x.new_empty(0),
+            [g.to(a.dtype) for g, a in zip(ga, lora_a)] if need_a else [a.new_empty(0) for a in lora_a],
+            [g.to(b.dtype) for g, b in zip(gb, lora_b)] if need_b else [b.new_empty(0) for b in lora_b],
+            gg.view(T, K).to(gates.dtype) if need_g else gates.new_empty(0))
 
 
-def routed_lora_two_launch(x, lora_a, lora_b, expert_ids, gates, scaling):
-    """Benchmark baseline (c): the vLLM design, shrink and expand as two launches per slice with an
-    fp32 ``[T*k, r]`` intermediate in global memory (same expert-sorted metadata as ours)."""
-    from ..kernels.routed_lora import _sorted_expand_kernel, _sorted_shrink_kernel
+def routed_lora_backward_triton(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
+    """Launcher of the backward: the expert-sorted Triton kernels where the forward runs
+    ``expert_sorted``; elsewhere the dense masked form in PyTorch on the device (a handful of
+    GEMMs, no host sync); float64: the PyTorch kernels."""
+    E, k = lora_a[0].shape[0], expert_ids.shape[1]
+    if x.dtype != torch.float64 and choose_strategy(E, [a.shape[1] for a in lora_a], k) == "expert_sorted":
+        return routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs)
+    return routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs)
 
-    T, d_in, E, K, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling)
-    ws = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
-    if T == 0 or K == 0:
-        return ws.to(x.dtype)
-    P = T * K
-    block_m, block_n, block_k, nsplit, _, _ = _sorted_config(x, P, E, lora_a, lora_b, splits=None)
-    order, blk_e, blk_s, blk_t, max_blocks = sort_pairs(expert_ids, E, block_m)
-    dfp32, ieee = _backend.dot_fp32(x.dtype), x.dtype == torch.float32
-    for a, b, col in zip(lora_a, lora_b, _col_offsets(lora_b)):
-        R = a.shape[1]
-        h = torch.empty(P, R, dtype=torch.float32, device=x.device)
-        _sorted_shrink_kernel[(max_blocks,)](
-            x, gates, h, order, blk_e, blk_s, blk_t, a, d_in, E, K, R,
-            x.stride(0), x.stride(1), gates.stride(0), gates.stride(1), *a.stride(), h.stride(0),
-            float(scaling), RP=_pow2(R), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=dfp32, IEEE=ieee)
-        _sorted_expand_kernel[(max_blocks * nsplit,)](
-            h, ws, gates, order, blk_e, blk_s, blk_t, b, b.shape[1], col, E, K, R,
-            gates.stride(0), gates.stride(1), *b.stride(), ws.stride(0), ws.stride(1), h.stride(0),
-            RP=_pow2(R), BLOCK_M=block_m, BLOCK_N=block_n, NSPLIT=nsplit, DOT_FP32=dfp32, IEEE=ieee,
-            num_warps=8 if block_m >= 64 else 4)
-    return ws.to(x.dtype)
+
+# ------------------------------------------------------------------------------------------
+# CPU kernels (plain PyTorch; they also run CUDA tensors under LORAMIX_BACKEND=reference)
+# ------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _expand_experts(hg, b):
+    """``y[t, n] = sum_{e, i} hg[t, e, i] b[e, n, i]`` without repacking b: one batched GEMM over
+    the experts (b[e]^T is a transposed view, no copy) and a sum, while the [E, T, n] partials stay
+    small (decode); at larger T one GEMM on the repacked ``[E*r, n]`` B (its copy amortised)."""
+    T, E, r = hg.shape
+    if T * E <= 256:
+        return torch.bmm(hg.transpose(0, 1), b.transpose(1, 2)).sum(0)
+    return hg.reshape(T, E * r) @ b.transpose(1, 2).reshape(E * r, b.shape[1])
+
+
+def _gates_and_routes(expert_ids, gates, E, acc, scaling):
+    """``[T, E]`` summed gates (times scaling, in ``acc``) and the ``[T, E, 1]`` route mask, from
+    one pass over the slots (``gate_matrix`` and ``route_mask`` of the reference, fused)."""
+    T = expert_ids.shape[0]
+    ids = expert_ids.long()
+    valid = (ids >= 0) & (ids < E)
+    idx = torch.where(valid, ids, E)
+    g = torch.where(valid, gates.to(acc), 0)
+    gm = torch.zeros(T, E + 1, dtype=acc, device=gates.device).scatter_add_(1, idx, g)[:, :E]
+    routed = torch.zeros(T, E + 1, dtype=torch.bool, device=gates.device).scatter_(1, idx, True)
+    return gm.mul_(scaling).unsqueeze(-1), routed[:, :E].unsqueeze(-1)
+
+
+def _dense_torch(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
+    """The dense masked form in ``acc`` (fp32 / float64): ``y_s = where(routed, (x A_cat^T) *
+    G) B_cat^T``; returns y in ``acc``."""
+    T, E = x.shape[0], lora_a[0].shape[0]
+    gm, routed = _gates_and_routes(expert_ids, gates, E, acc, scaling)
+    xf = x if x.dtype == acc else x.to(acc)
+    outs = []
+    for a, b in zip(lora_a, lora_b):
+        r = a.shape[1]
+        a = a if a.dtype == acc else a.to(acc)
+        h = (xf @ a.reshape(E * r, -1).t()).view(T, E, r)
+        outs.append(_expand_experts(torch.where(routed, h * gm, 0), b if b.dtype == acc else b.to(acc)))
+    return torch.cat(outs, 1)
+
+
+def _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
+    """The PyTorch forward: the dense masked form on BLAS GEMMs where the Triton path would run
+    dense (small E*r, or dense routing), several times faster on CPU than looping over experts;
+    otherwise the per-expert loop, which computes only routed work. A dense result that is not
+    finite everywhere is redone per expert (the dense form multiplies the weights of experts a
+    token does not use by 0, and 0 * inf is NaN). With ``out``, adds into it."""
+    E, k = lora_a[0].shape[0], expert_ids.shape[1]
+    acc = _acc_dtype(x)
+    y = None
+    if x.shape[0] and x.shape[1] and k and choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
+        y = _dense_torch(x, lora_a, lora_b, expert_ids, gates, scaling, acc)
+        if not bool(torch.isfinite(y).all()):
+            y = None
+    if y is None:
+        y = routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, acc_dtype=acc, keep_acc=True)
+    if out is None:
+        return y.to(x.dtype)
+    if out.dtype == acc:
+        return out.add_(y)
+    return out.copy_(out.to(acc) + y)
+
+
+def routed_lora_cpu(x, lora_a, lora_b, expert_ids, gates, scaling):
+    """CPU kernel of ``routed_lora`` (see ``_routed_lora_torch``)."""
+    return _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling)
+
+
+def routed_lora_add_cpu(out, x, lora_a, lora_b, expert_ids, gates, scaling):
+    """CPU kernel of ``routed_lora_add_``: ``out += y`` with the sum formed in fp32, rounded once."""
+    _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out)
+
+
+def routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
+    """CPU kernel of the backward: the dense masked form where the forward would run dense,
+    else the per-expert loop (only routed work; the host sync is free on CPU).
+
+    Isolation check of the dense form (CPU tensors): with finite x and grad_y, the route-mask
+    ``where`` keeps every unused expert out of dA, dB and d_gates, and only dx can pick up an
+    unused expert's non-finite A (0 * inf in ``dU @ A_cat``); so x, grad_y and dx (all [T, *],
+    small at decode) are checked and, if any is not finite, the per-expert loop runs instead. On
+    CUDA (float64, or the dense regime of the Triton path) that check would cost a host sync and
+    is skipped (module docstring)."""
+    needs = _needs(needs)
+    E, k = lora_a[0].shape[0], expert_ids.shape[1]
+    acc = _acc_dtype(x)
+    args = (grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, acc)
+    if choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
+        got = routed_lora_backward_dense(*args)
+        if x.device.type != "cpu" or all(bool(torch.isfinite(t).all()) for t in (x, grad_y, got[0])):
+            return got
+    return routed_lora_backward_ref(*args)
 
 
 # ------------------------------------------------------------------------------------------
 # registration
 # ------------------------------------------------------------------------------------------
 
-
-def routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
-    """The PyTorch path: the CPU kernel (and CUDA under ``LORAMIX_BACKEND=reference``).
-
-    Where the Triton path would run dense (small E*r, or dense routing) this is the dense masked
-    form on BLAS GEMMs, several times faster on CPU than looping over experts; otherwise the
-    per-expert loop, which computes only routed work. With ``out``, adds into it.
-    """
-    op = _OP if out is None else "routed_lora_add_"
-    T, d_in, E, k, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op=op)
-    if out is not None:
-        check_tensor(op, "out", out, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-        check_shape(op, "out", out, (T, d_out))
-    if choose_strategy(E, [a.shape[1] for a in lora_a], k) == "expert_sorted":
-        y = routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, keep_acc=out is not None)
-        return y if out is None else out.add_(y)
-    y = out if out is not None else torch.empty(T, d_out, dtype=x.dtype, device=x.device)
-    if T and d_out and k:
-        _dense_gemm(x, lora_a, lora_b, expert_ids, gates, scaling, y, out is not None)
-    elif out is None:
-        y.zero_()
-    return y
-
-
-def _routed_lora_impl(x, lora_a, lora_b, expert_ids, gates, scaling):
-    if _backend.use_triton(x):
-        return routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling)
-    return routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling)
-
-
-torch.library.register_kernel("loramix::routed_lora", "cpu", _routed_lora_impl)
-torch.library.register_kernel("loramix::routed_lora", "cuda", _routed_lora_impl)
-
-
-@torch.library.register_fake("loramix::routed_lora")
-def _routed_lora_fake(x, lora_a, lora_b, expert_ids, gates, scaling):
-    T, _, _, _, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling)
-    return x.new_empty(T, d_out)
-
-
-def _routed_lora_add_impl(out, x, lora_a, lora_b, expert_ids, gates, scaling):
-    if _backend.use_triton(x):
-        routed_lora_forward(x, lora_a, lora_b, expert_ids, gates, scaling, out=out)
-    else:
-        routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=out)
-
-
-torch.library.register_kernel("loramix::routed_lora_add_", "cpu", _routed_lora_add_impl)
-torch.library.register_kernel("loramix::routed_lora_add_", "cuda", _routed_lora_add_impl)
-
-
-@torch.library.register_fake("loramix::routed_lora_add_")
-def _routed_lora_add_fake(out, x, lora_a, lora_b, expert_ids, gates, scaling):
-    T, _, _, _, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op="routed_lora_add_")
-    check_tensor("routed_lora_add_", "out", out, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    check_shape("routed_lora_add_", "out", out, (T, d_out))
-
-
-def _routed_lora_backward_impl(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling):
-    # Where the forward would run dense (small E*r, or dense routing) the backward is the dense
-    # masked form in PyTorch on both devices: a handful of GEMMs, no host sync. In the
-    # expert-sorted regime the Triton path runs the sorted backward kernels (only routed work, no
-    # host sync, graph-capturable); the PyTorch path keeps the per-expert loop, which computes
-    # only routed work at one host sync for the list of experts in use.
-    _, _, E, k, _ = _validate_backward(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
-    if choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
-        return routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
-    if _backend.use_triton(x):
-        return routed_lora_backward_sorted(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling,
-                                           validated=True)
-    return routed_lora_backward_ref(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling)
-
-
-def _validate_backward(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling):
-    op = "routed_lora_backward"
-    T, d_in, E, k, d_out = validate(x, lora_a, lora_b, expert_ids, gates, scaling, op=op)
-    check_tensor(op, "grad_y", grad_y, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    check_shape(op, "grad_y", grad_y, (T, d_out))
-    return T, d_in, E, k, d_out
-
-
-torch.library.register_kernel("loramix::routed_lora_backward", "cpu", _routed_lora_backward_impl)
-torch.library.register_kernel("loramix::routed_lora_backward", "cuda", _routed_lora_backward_impl)
-
-
-@torch.library.register_fake("loramix::routed_lora_backward")
-def _routed_lora_backward_fake(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling):
-    return (torch.empty_like(x), [torch.empty_like(a) for a in lora_a],
-            [torch.empty_like(b) for b in lora_b], torch.empty_like(gates))
+_ARGS = "Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor expert_ids, Tensor gates, float scaling"
 
 
 def _setup_context(ctx, inputs, output):
@@ -606,13 +738,58 @@ def _backward(ctx, grad_y):
     x, expert_ids, gates, *w = ctx.saved_tensors
     n = ctx.n_slices
     lora_a, lora_b = w[:n], w[n:]
-    gx, ga, gb, gg = torch.ops.loramix.routed_lora_backward(
-        grad_y, x, list(lora_a), list(lora_b), expert_ids, gates, ctx.scaling)
+    # needs_input_grad holds one bool per tensor, a list of them for the Tensor[] arguments.
     need = ctx.needs_input_grad
-    return (gx if need[0] else None, ga, gb, None, gg if need[4] else None, None)
+    needs = [bool(need[0]), any(need[1]), any(need[2]), bool(need[4])]
+    gx, ga, gb, gg = torch.ops.loramix.routed_lora_backward(
+        grad_y, x, list(lora_a), list(lora_b), expert_ids, gates, ctx.scaling, needs)
+    return (gx if needs[0] else None, [g if nd else None for g, nd in zip(ga, need[1])],
+            [g if nd else None for g, nd in zip(gb, need[2])], None, gg if needs[3] else None, None)
 
 
-torch.library.register_autograd("loramix::routed_lora", _backward, setup_context=_setup_context)
+def _fake_forward(info, x, *args):
+    T, _, _, _, d_out = info
+    return x.new_empty(T, d_out)
+
+
+def _fake_backward(info, grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
+    """Contiguous gradients in the inputs' dtypes; an empty tensor where not needed."""
+    need_x, need_a, need_b, need_g = _needs(needs)
+    return (x.new_empty(x.shape if need_x else (0,)),
+            [a.new_empty(a.shape if need_a else (0,)) for a in lora_a],
+            [b.new_empty(b.shape if need_b else (0,)) for b in lora_b],
+            gates.new_empty(gates.shape if need_g else (0,)))
+
+
+register_op(
+    "routed_lora", f"({_ARGS}) -> Tensor",
+    validate=validate_routed_lora, triton=routed_lora_triton, cpu=routed_lora_cpu,
+    fake=_fake_forward, backward=_backward, setup_context=_setup_context,
+    autocast=(0, 1, 2),  # x, lora_a, lora_b follow the autocast dtype; gates stay as given
+)
+register_op(
+    "routed_lora_add_", f"(Tensor(a!) out, {_ARGS}) -> ()",
+    validate=validate_routed_lora_add, triton=routed_lora_add_triton, cpu=routed_lora_add_cpu,
+    fake=lambda info, *args: None, autocast=(1, 2, 3),
+)
+register_op(
+    "routed_lora_backward",
+    f"(Tensor grad_y, {_ARGS}, bool[]? needs=None) -> (Tensor, Tensor[], Tensor[], Tensor)",
+    validate=validate_routed_lora_backward, triton=routed_lora_backward_triton,
+    cpu=routed_lora_backward_cpu, fake=_fake_backward,
+)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "routed_lora: double backward (differentiating routed_lora's gradients, e.g. a second "
+        "backward through a graph built with create_graph=True) is not supported")
+
+
+# Registered outside register_op on purpose: the backward op is not differentiable (OPS marks
+# it so), but a second-order use must fail loudly instead of warning and returning no gradient.
+torch.library.register_autograd("loramix::routed_lora_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None, lib=LIB)
 
 
 # ------------------------------------------------------------------------------------------
@@ -628,7 +805,8 @@ def routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
     Parameters
     ----------
     x : torch.Tensor
-        ``[T, d_in]`` activations, fp16 / bf16 / fp32 (any strides).
+        ``[T, d_in]`` activations, fp16 / bf16 / fp32, or float64 (PyTorch kernels, for
+        gradcheck). Any strides.
     lora_a : list[torch.Tensor]
         Per slice ``s``: ``[E, r_s, d_in]`` LoRA A weights (PEFT ``lora_A`` layout), x's dtype.
     lora_b : list[torch.Tensor]
@@ -638,23 +816,29 @@ def routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
         ``[T, k]`` int32 / int64 expert of each routing slot; ``-1`` marks an empty slot. Dense
         soft routing is ``k = E`` with every expert listed.
     gates : torch.Tensor
-        ``[T, k]`` slot weights (any float dtype).
+        ``[T, k]`` slot weights (any float dtype; autocast leaves them as given).
     scaling : float
         LoRA scale (``alpha / r``), default ``1.0``.
 
     Returns
     -------
     torch.Tensor
-        ``[T, sum_s d_out_s]`` in x's dtype, slices' columns in order, accumulated in fp32.
-        Differentiable in ``x``, every ``lora_a`` / ``lora_b`` and ``gates``.
+        ``[T, sum_s d_out_s]`` in x's dtype (contiguous), slices' columns in order, accumulated in
+        fp32 (precision of each path: module docstring of ``loramix_kernels.ops.routed_lora``).
+        Differentiable in ``x``, every ``lora_a`` / ``lora_b`` and ``gates``; only the gradients
+        autograd needs are computed. Under ``torch.autocast`` x and the weights run in the autocast
+        dtype (fp32 master weights get fp32 gradients). Double backward raises. A token's output
+        and gradients depend only on the experts it is routed to (inf / NaN in other experts'
+        weights does not reach it). Contract: ``docs/API.md``.
 
     Examples
     --------
-    >>> import torch, loramix_kernels
+    >>> import torch
+    >>> from loramix_kernels import routed_lora
     >>> x = torch.randn(5, 64)
     >>> A = [torch.randn(8, 16, 64)]; B = [torch.randn(8, 32, 16)]
     >>> ids = torch.randint(0, 8, (5, 2)); g = torch.rand(5, 2)
-    >>> torch.ops.loramix.routed_lora(x, A, B, ids, g, 0.5).shape
+    >>> routed_lora(x, A, B, ids, g, 0.5).shape
     torch.Size([5, 32])
     """
     return torch.ops.loramix.routed_lora(x, list(lora_a), list(lora_b), expert_ids, gates, float(scaling))
@@ -663,8 +847,20 @@ def routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
 def routed_lora_add_(out, x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
     """In place ``out += routed_lora(x, ...)`` (after the base projection's GEMM; inference path).
 
-    ``out`` is ``[T, sum_s d_out_s]`` of any float dtype; the sum is formed in fp32 and rounded
-    once. See :func:`routed_lora` for the other parameters.
+    ``out`` is ``[T, sum_s d_out_s]`` of any float dtype and any strides; the sum is formed in fp32
+    and rounded once. ``out`` must not have overlapping elements (no ``expand()``-ed view) and must
+    not share memory with any input (errors name ``out``). See :func:`routed_lora` for the other
+    parameters.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from loramix_kernels import routed_lora_add_
+    >>> x = torch.randn(3, 16); out = torch.zeros(3, 8)
+    >>> A = [torch.randn(4, 2, 16)]; B = [torch.randn(4, 8, 2)]
+    >>> ids = torch.tensor([[0], [3], [-1]]); g = torch.ones(3, 1)
+    >>> routed_lora_add_(out, x, A, B, ids, g)[2].abs().sum().item()
+    0.0
     """
     torch.ops.loramix.routed_lora_add_(out, x, list(lora_a), list(lora_b), expert_ids, gates, float(scaling))
     return out
