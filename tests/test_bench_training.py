@@ -33,7 +33,7 @@ def _problem(T, d_in, widths, E, r, k, dtype, seed=0, empty_slots=False):
     if empty_slots:
         ids = ids.clone()
         ids[::3, -1] = -1  # empty routing slots contribute nothing (and get a zero gate gradient)
-    gates = torch.rand(T, k, generator=g, dtype=torch.float32)
+    gates = torch.rand(T, k, generator=g, dtype=dtype)
     dy = torch.randn(T, sum(widths), generator=g, dtype=dtype)
     return x, A, B, ids, gates, dy
 
@@ -47,11 +47,18 @@ PROBLEMS = [
 ]
 
 
+def _close(got, want, dtype):
+    if dtype == torch.float64:  # both sides in float64: only summation order differs
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    else:
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("prob", PROBLEMS, ids=lambda p: f"T{p[0]}-E{p[3]}-k{p[5]}-s{len(p[2])}")
 @pytest.mark.parametrize("joint", [True, False], ids=["joint", "frozen"])
-def test_baselines_match_routed_lora(prob, joint):
+def test_baselines_match_routed_lora(prob, joint, dtype):
     T, d_in, widths, E, r, k, empty = prob
-    dtype = torch.float32  # routed_lora's widest dtype
     x, A, B, ids, gates, dy = _problem(T, d_in, widths, E, r, k, dtype, empty_slots=empty)
     s = 0.75
 
@@ -71,10 +78,10 @@ def test_baselines_match_routed_lora(prob, joint):
     x1, A1, B1, g1 = fresh()
     y1 = bt.mixlora_loop(x1, A1, B1, ids, g1, s)
     got = torch.autograd.grad(y1, leaves_of(x1, A1, B1, g1), dy)
-    assert_close(y1, y0, dtype)
+    _close(y1, y0, dtype)
     assert len(got) == len(want)
     for a, b in zip(got, want):
-        assert_close(a, b, dtype)
+        _close(a, b, dtype)
 
     # dense form, experts as leaves in its own layout
     x2, _, _, g2 = fresh()
@@ -82,13 +89,13 @@ def test_baselines_match_routed_lora(prob, joint):
     y2 = routed_lora_dense(x2, packed, ids, g2, s)
     wrt = [x2, g2] + ([a for a, _, _ in packed] + [b for _, b, _ in packed] if joint else [])
     got = torch.autograd.grad(y2, wrt, dy)
-    assert_close(y2, y0, dtype)
-    assert_close(got[0], want[0], dtype)
-    assert_close(got[1], want[1], dtype)
+    _close(y2, y0, dtype)
+    _close(got[0], want[0], dtype)
+    _close(got[1], want[1], dtype)
     if joint:
         ga, gb = bt.dense_grads_as_experts(packed, got[2:])
         for a, b in zip(ga + gb, want[2:]):
-            assert_close(a, b, dtype)
+            _close(a, b, dtype)
 
 
 def test_dense_leaves_layout():
