@@ -47,6 +47,11 @@ def cases(quick: bool):
     return [dict(hidden=512, layers=4, inter=1376, heads=8, vocab=1024, T=512, adapters=6, top_k=3, r=16)]
 
 
+def headline_cases():
+    """Issue 11's model-level target (top-3 of 6 adapters, forward <= 1.3x the base model)."""
+    return cases(False)
+
+
 def _dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

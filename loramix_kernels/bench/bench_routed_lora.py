@@ -68,6 +68,15 @@ def cases(quick: bool):
     return out
 
 
+def headline_cases():
+    """Issue 3's targets: decode (T 1, 16) and prefill (T 8192) of packed q/k/v, E 8 r 16 top-2,
+    64 experts of rank 64 top-3 (expert-sorted), soft routing over 8; one backward."""
+    fwd = [dict(op="fwd", T=T, d_in=4096, slices="qkv", E=E, r=r, k=k)
+           for T, E, r, k in ((1, 8, 16, 2), (16, 8, 16, 2), (8192, 8, 16, 2), (8192, 64, 64, 3),
+                              (2048, 8, 16, 8))]
+    return fwd + [dict(op="bwd", T=2048, d_in=4096, slices="qkv", E=64, r=16, k=3)]
+
+
 def _widths(case):
     return [64, 16, 16] if case["slices"] == "qkv_small" else SLICES[case["slices"]]
 

@@ -70,6 +70,13 @@ def cases(quick: bool):
                                                       ROUTINGS, REGIMES)]
 
 
+def headline_cases():
+    """Issue 11's training targets: packed q/k/v at T 2048, 6 experts top-3 and 64 experts top-2,
+    joint and frozen."""
+    return [dict(T=2048, d_in=4096, slices="qkv", E=E, r=16, k=_k("topk", E), routing="topk", regime=rg)
+            for E in (6, 64) for rg in REGIMES]
+
+
 def _widths(case):
     return (SLICES if case["d_in"] == 4096 else QUICK_SLICES)[case["slices"]]
 

@@ -44,6 +44,11 @@ def cases(quick: bool):
             for B, P, N in itertools.product([1, 8, 32], [1024, 8192, 32768], [16, 64])]
 
 
+def headline_cases():
+    """Issue 4's decode shapes: a 16- and a 64-node tree over an 8k prefix, batch 1 and 32."""
+    return [dict(B=B, prefix=8192, N=N, Hq=32, Hkv=8, D=128, block=16) for B, N in ((1, 16), (32, 64))]
+
+
 def _tree_parents(B: int, N: int, g: torch.Generator) -> torch.Tensor:
     """EAGLE-like trees: node i hangs off a random node among the previous quarter of the tree,
     which gives bushy trees of depth ~log(N) with a few long paths."""

@@ -9,6 +9,10 @@ Each suite ``loramix_kernels/bench/bench_<family>.py`` (found automatically) pro
   copies), Triton ones (e.g. the two-launch shrink / expand of vLLM's design) defined in the suite;
 * ``traffic_bytes(case) -> int``: the minimum HBM traffic the roofline fraction is measured against;
 * optionally ``flops(case) -> int``;
+* optionally ``peak_memory(fn, device) -> int | None``: bytes one call of ``fn`` allocates at its
+  peak above what was resident before (recorded as ``peak_bytes``, printed as ``peak_MiB``);
+* optionally ``RATIO_TO = "<impl>"``: every candidate's median time is also reported as a ratio to
+  that candidate's (``ratio``; the model-level suite's ``"base"``, in which its targets are stated);
 * ``headline_cases() -> list[dict]``: the few full-size shapes the issues name as targets, run by
   ``--compact`` (one GPU session measures every suite's headline in a few minutes).
 
@@ -79,6 +83,8 @@ columns (one row per implementation of a case; a case starts with its [i/n] prog
             over rounds); CUDA: "-" (do_bench chooses)
   GB/s      CUDA only: the suite's minimum traffic (traffic_bytes) / median time
   %HBM      CUDA only: GB/s as a fraction of the device's spec-sheet HBM bandwidth
+  peak_MiB  suites with a peak_memory hook (training): memory one call allocates at its peak
+  x<impl>   suites with RATIO_TO (model): median time / that implementation's (e.g. x base)
   note      "noisy" when iqr or spd_iqr exceeds --spread-limit (rerun with more --budget, fewer
             --threads, or on a quieter machine); "failed: ..." when the call raised
 The JSON (--json) holds the same per row (time_s = median, q25_s, q75_s, ...) plus the settings."""
@@ -341,12 +347,26 @@ def run(suites=SUITES, quick: bool | None = None, device: str | None = None, out
             print(f"\n## {suite_name}")
             last_suite = suite_name
         print(f"[{i}/{len(plan)} {time.perf_counter() - t_start:.0f}s] {suite_name}: {label}", flush=True)
-        inputs = suite.make_inputs(case, dev)
+        try:
+            inputs = suite.make_inputs(case, dev)
+        except Exception as exc:  # e.g. an optional dependency (transformers, peft) missing
+            print(f"  setup failed: {type(exc).__name__}: {str(exc)[:100]}")
+            records.append({"suite": suite_name, "case": case, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         nbytes = suite.traffic_bytes(case)
         nflops = suite.flops(case) if hasattr(suite, "flops") else None
-        stats = summarise(measure(suite.candidates(case, inputs), min_reps, budget_s))
-        del inputs
-        print(header)
+        fns = suite.candidates(case, inputs)
+        stats = summarise(measure(fns, min_reps, budget_s))
+        ratio_to = getattr(suite, "RATIO_TO", None)
+        ref_t = stats.get(ratio_to, {}).get("q", (None, None))[1] if ratio_to else None
+        peaks = {}
+        if hasattr(suite, "peak_memory"):
+            for impl, fn in fns.items():
+                if "error" not in stats[impl]:
+                    peaks[impl] = suite.peak_memory(fn, dev)
+        del inputs, fns
+        extra = (f" {'peak_MiB':>8}" if peaks else "") + (f" {'x' + ratio_to:>8}" if ref_t else "")
+        print(header.replace("  note", extra + "  note"))
         case_noisy = False
         for impl, s in stats.items():
             if "error" in s:
@@ -362,7 +382,8 @@ def run(suites=SUITES, quick: bool | None = None, device: str | None = None, out
                 "suite": suite_name, "case": case, "impl": impl, "time_s": t, "q25_s": q25, "q75_s": q75,
                 "iqr_rel": s["iqr_rel"], "reps": s["reps"], "calls_per_rep": s["calls"],
                 "ours_speedup": s["speedup"], "speedup_iqr_rel": spd_iqr, "noisy": noisy,
-                "bytes": nbytes, "flops": nflops,
+                "bytes": nbytes, "flops": nflops, "peak_bytes": peaks.get(impl),
+                "ratio_to": ratio_to if ref_t else None, "ratio": (t / ref_t) if ref_t else None,
             }
             if dev.type == "cuda":
                 rec.update({"GBps": gbps, "hbm_fraction": (nbytes / t / bw) if bw and t > 0 else None,
@@ -375,6 +396,11 @@ def run(suites=SUITES, quick: bool | None = None, device: str | None = None, out
             if dev.type == "cuda":
                 frac = rec["hbm_fraction"]
                 line += f" {_fmt(gbps, '.1f'):>8} {_fmt(frac * 100 if frac else None, '.1f'):>6}"
+            if peaks:
+                pk = peaks.get(impl)
+                line += f" {_fmt(pk / 2 ** 20 if pk is not None else None, '.1f'):>8}"
+            if ref_t:
+                line += f" {_fmt(rec['ratio'], '.2f'):>8}"
             print(line + ("  noisy" if noisy else ""))
         if case_noisy:
             noisy_cases.append(f"{suite_name}: {label}")
