@@ -685,7 +685,9 @@ def _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
     y = None
     if x.shape[0] and x.shape[1] and k and choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
         y = _dense_torch(x, lora_a, lora_b, expert_ids, gates, scaling, acc)
-        if not bool(torch.isfinite(y).all()):
+        # One reduction instead of an isfinite pass over y: any inf / NaN makes the sum non-finite
+        # (a finite sum that overflows only costs the exact per-expert recompute).
+        if not bool(torch.isfinite(y.sum())):
             y = None
     if y is None:
         y = routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, acc_dtype=acc, keep_acc=True)
