@@ -96,6 +96,20 @@ def strided_outer(t):
 
 
 @contextlib.contextmanager
+def value_checks_on():
+    """Value checks on for CUDA tensors too (they are always on for CPU tensors; opt-in on CUDA,
+    where they cost a host sync)."""
+    from loramix_kernels import _backend as b
+
+    old = b._validate_cuda_values
+    b.set_value_validation(True)
+    try:
+        yield
+    finally:
+        b.set_value_validation(old)
+
+
+@contextlib.contextmanager
 def value_checks_off():
     """Run with the kernels' value checks switched off, as on CUDA by default: bad indices reach
     the kernels, which must mask or clamp them (no out-of-bounds access, no crash)."""

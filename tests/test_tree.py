@@ -9,7 +9,6 @@ and 256 appear with tiny prefixes only.
 """
 
 import ast
-import contextlib
 import inspect
 import math
 import random
@@ -19,12 +18,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramix_kernels import _backend, build_tree, tree_attention
+from loramix_kernels import build_tree, tree_attention
 from loramix_kernels.ops import tree as T
 from loramix_kernels.reference.tree import build_tree_ref, tree_attention_ref
 
 from tests.common import HAS_CUDA, TRITON_DEVICE, assert_close, backends, reference_path, \
-    requires_cuda, requires_triton, strided, to_device, triton_path, value_checks_off
+    requires_cuda, requires_triton, strided, to_device, triton_path, value_checks_off, value_checks_on
 
 # --------------------------------------------------------------------------------------------------
 # Trees and oracles
@@ -127,17 +126,6 @@ def oracle_attention(q, k_cache, v_cache, block_table, seq_lens, parents, sm_sca
     return out
 
 
-@contextlib.contextmanager
-def value_checks():
-    """Data-dependent checks cost a host sync on CUDA and are opt-in there (always on for CPU)."""
-    old = _backend._validate_cuda_values
-    _backend.set_value_validation(True)
-    try:
-        yield
-    finally:
-        _backend.set_value_validation(old)
-
-
 def sample_inputs(device):
     """(op name, args) pairs covering both ops: dtypes, int32 / int64 indices, N = 1 and N = 33 (two
     mask words), GQA, prefix 0, sm_scale given and None, a node hanging from a padding node."""
@@ -235,7 +223,7 @@ def test_build_tree_int64_parents_do_not_wrap(backend, device, ctx):
         got = build_tree(parents.to(device))
     for name, g, e in zip(["tree_mask", "depth", "first_child", "next_sibling"], got, expected):
         assert torch.equal(g.cpu(), e), name
-    with ctx(), value_checks(), pytest.raises(ValueError, match=r"build_tree: parents .*\[0, 2\] = "
+    with ctx(), value_checks_on(), pytest.raises(ValueError, match=r"build_tree: parents .*\[0, 2\] = "
                                                r"4294967297"):
         build_tree(parents.to(device))
 
@@ -245,7 +233,7 @@ def test_build_tree_child_of_padding_node(backend, device, ctx):
     """The one parents rule (docs/API.md): a node hanging from a padding node is accepted, and its
     mask row holds its own ancestors as the parents array says (node 3 -> 2 (padding); 4 -> 3)."""
     parents = torch.tensor([[-1, 0, -1, 2, 3, 1]], device=device)
-    with ctx(), value_checks():
+    with ctx(), value_checks_on():
         mask, depth, first, nsib = build_tree(parents)
     assert mask[0, :, 0].tolist() == [0b1, 0b11, 0b100, 0b1100, 0b11100, 0b100011]
     assert depth.tolist() == [[0, 1, 0, 1, 2, 2]]
@@ -261,7 +249,7 @@ def test_build_tree_child_of_padding_node(backend, device, ctx):
     ([[-1, -2]], r"parents\[0, 1\] = -2"),
 ])
 def test_build_tree_bad_values(backend, device, ctx, parents, match):
-    with ctx(), value_checks(), pytest.raises(
+    with ctx(), value_checks_on(), pytest.raises(
             ValueError, match=r"build_tree: parents is not a tree: " + match):
         build_tree(torch.tensor(parents, device=device))
 
@@ -646,7 +634,7 @@ def test_int64_seq_lens_do_not_wrap(backend, device, ctx):
     with ctx(), value_checks_off():
         got = tree_attention(*args, sm_scale=0.3)
     assert_close(got, expected, torch.float16)
-    with ctx(), value_checks(), pytest.raises(ValueError, match=r"tree_attention: block_table is "
+    with ctx(), value_checks_on(), pytest.raises(ValueError, match=r"tree_attention: block_table is "
                                                r"too short: .* seq_lens\[0\] = 4294967306"):
         tree_attention(*args, sm_scale=0.3)
 
@@ -708,7 +696,7 @@ def test_validation_runs_once_per_call(backend, device, ctx, monkeypatch):
         monkeypatch.setattr(T, name, lambda *a, _real=real, _n=name: (calls.append(_n), _real(*a)))
     parents, args = make_attention_case(2, 5, 4, 2, 16, 16, [3, 18], torch.float16, "random",
                                         device=device)
-    with ctx(), value_checks():
+    with ctx(), value_checks_on():
         build_tree(parents.to(device))
         tree_attention(*args)
     assert calls == ["check_parents", "_check_tree_attention_values"]
@@ -787,7 +775,7 @@ def test_tree_attention_bad_input(backend, device, ctx, mutate, exc, match):
     _, args = make_attention_case(2, 5, 4, 2, 16, 16, [3, 18], dtype, "random")
     args = mutate(args + [0.25])
     args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    with ctx(), value_checks(), pytest.raises(exc, match=match):
+    with ctx(), value_checks_on(), pytest.raises(exc, match=match):
         torch.ops.loramix.tree_attention(*args)
 
 

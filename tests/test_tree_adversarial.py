@@ -14,7 +14,6 @@ Garbage (NaN / inf) in never-written cache slots is part of the table: caches co
 ``torch.empty`` and a padding node's slot is never written.
 """
 
-import contextlib
 import dataclasses
 import math
 from typing import Callable
@@ -25,7 +24,7 @@ import torch
 from loramix_kernels import build_tree, tree_attention
 from loramix_kernels.reference.tree import build_tree_ref, tree_attention_ref
 
-from tests.common import assert_close, backends, strided, to_device, value_checks_off
+from tests.common import assert_close, backends, strided, to_device, value_checks_off, value_checks_on
 from tests.test_tree import make_attention_case, make_parents, oracle_attention, oracle_tree
 
 DT = torch.float16  # both backends take it on CPU; the Triton path's dtype on CUDA
@@ -330,7 +329,7 @@ def _run(case, args):
 def test_adversarial(case, backend, device, ctx, checks):
     args = to_device(case.make(), device)
     off = checks == "checks-off"
-    with ctx(), (value_checks_off() if off else _cuda_checks_on()):
+    with ctx(), (value_checks_off() if off else value_checks_on()):
         if case.error is not None and (case.metadata or not off):
             exc, regex = case.error
             with pytest.raises(exc, match=regex):
@@ -352,19 +351,6 @@ def test_adversarial(case, backend, device, ctx, checks):
 
 def _to_cpu(x):
     return [t.cpu() for t in x] if isinstance(x, (list, tuple)) else x.cpu()
-
-
-@contextlib.contextmanager
-def _cuda_checks_on():
-    """Value checks on (always on for CPU tensors; opt-in on CUDA)."""
-    from loramix_kernels import _backend
-
-    old = _backend._validate_cuda_values
-    _backend.set_value_validation(True)
-    try:
-        yield
-    finally:
-        _backend.set_value_validation(old)
 
 
 def test_table_covers_both_outcomes():

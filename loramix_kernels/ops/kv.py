@@ -84,10 +84,7 @@ def compact_kv_triton(k_cache, v_cache, block_table, seq_lens, accept_index, acc
     num_blocks, block_size, H, D = k_cache.shape
     if B == 0 or H == 0 or D == 0:
         return
-    block_d = next_pow2(D)
-    # ~2-4 KB per row copy per program: enough bytes in flight per step while B * heads-splits
-    # still fills the GPU at small B.
-    block_h = max(1, min(next_pow2(H), COPY_ELEMS // block_d))
+    block_h, block_d = row_copy_tiles(H, D)
     grid = (B, cdiv(H, block_h))
     _compact_kv_kernel[grid](
         k_cache, v_cache, block_table, seq_lens, accept_index, accept_len,
@@ -101,6 +98,13 @@ def compact_kv_triton(k_cache, v_cache, block_table, seq_lens, accept_index, acc
 
 #: Elements of one program's [BLOCK_H, BLOCK_D] row copy (2048 fp16 = 4 KB).
 COPY_ELEMS = 2048
+
+
+def row_copy_tiles(H: int, D: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_D) of the KV row-copy kernels: ~2-4 KB per program and step, enough bytes
+    in flight while (requests or tokens) x head tiles still fill the GPU at small batches."""
+    block_d = next_pow2(D)
+    return max(1, min(next_pow2(H), COPY_ELEMS // block_d)), block_d
 
 register_op(
     "compact_kv_",
@@ -171,8 +175,7 @@ def compact_kv_layers_triton(k_caches, v_caches, block_table, seq_lens, accept_i
     L, num_blocks, block_size, H, D = k_caches.shape
     if B == 0 or L == 0 or H == 0 or D == 0:
         return
-    block_d = next_pow2(D)
-    block_h = max(1, min(next_pow2(H), COPY_ELEMS // block_d))
+    block_h, block_d = row_copy_tiles(H, D)
     grid = (B, cdiv(H, block_h), L)
     _compact_kv_layers_kernel[grid](
         k_caches, v_caches, block_table, seq_lens, accept_index, accept_len,
@@ -272,8 +275,7 @@ def kv_write_triton(k_cache, v_cache, k, v, slot_mapping):
     T = slot_mapping.shape[0]
     if T == 0 or H == 0 or D == 0:
         return
-    block_d = next_pow2(D)
-    block_h = max(1, min(next_pow2(H), COPY_ELEMS // block_d))
+    block_h, block_d = row_copy_tiles(H, D)
     _kv_write_kernel[(T, cdiv(H, block_h))](
         k_cache, v_cache, k, v, slot_mapping,
         H, D, block_size, num_blocks * block_size,

@@ -72,7 +72,7 @@ from .. import _backend
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
                        check_shape, check_tensor, check_writable)
 from .._tiles import cdiv, pow2_at_least
-from ..reference.routed_lora import (NEEDS_ALL, gate_matrix, route_mask, routed_lora_backward_dense,
+from ..reference.routed_lora import (NEEDS_ALL, gates_and_routes, routed_lora_backward_dense,
                                      routed_lora_backward_ref, routed_lora_ref)
 from ._registry import LIB, register_op
 
@@ -471,8 +471,8 @@ def _dense_gemm(x, lora_a, lora_b, ids, gates, scaling, y, accumulate, splits=No
     T = x.shape[0]
     E = lora_a[0].shape[0]
     cdt = torch.float32 if x.dtype == torch.float16 else x.dtype
-    gm = gate_matrix(ids, gates, E) * scaling  # [T, E] fp32, empty / out-of-range slots dropped
-    routed = route_mask(ids, E)
+    gm, routed = gates_and_routes(ids, gates, E)  # [T, E] fp32, empty / out-of-range slots dropped
+    gm = gm * scaling
     for a, b, col in zip(lora_a, lora_b, col_offsets(lora_b)):
         r, n = a.shape[1], b.shape[1]
         h = x.to(cdt) @ a.reshape(E * r, -1).to(cdt).t()
@@ -646,24 +646,12 @@ def _expand_experts(hg, b):
     return hg.reshape(T, E * r) @ b.transpose(1, 2).reshape(E * r, b.shape[1])
 
 
-def _gates_and_routes(expert_ids, gates, E, acc, scaling):
-    """``[T, E]`` summed gates (times scaling, in ``acc``) and the ``[T, E, 1]`` route mask, from
-    one pass over the slots (``gate_matrix`` and ``route_mask`` of the reference, fused)."""
-    T = expert_ids.shape[0]
-    ids = expert_ids.long()
-    valid = (ids >= 0) & (ids < E)
-    idx = torch.where(valid, ids, E)
-    g = torch.where(valid, gates.to(acc), 0)
-    gm = torch.zeros(T, E + 1, dtype=acc, device=gates.device).scatter_add_(1, idx, g)[:, :E]
-    routed = torch.zeros(T, E + 1, dtype=torch.bool, device=gates.device).scatter_(1, idx, True)
-    return gm.mul_(scaling).unsqueeze(-1), routed[:, :E].unsqueeze(-1)
-
-
 def _dense_torch(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
     """The dense masked form in ``acc`` (fp32 / float64): ``y_s = where(routed, (x A_cat^T) *
     G) B_cat^T``; returns y in ``acc``."""
     T, E = x.shape[0], lora_a[0].shape[0]
-    gm, routed = _gates_and_routes(expert_ids, gates, E, acc, scaling)
+    gm, routed = gates_and_routes(expert_ids, gates, E, acc)
+    gm, routed = gm.mul_(scaling).unsqueeze(-1), routed.unsqueeze(-1)
     xf = x if x.dtype == acc else x.to(acc)
     outs = []
     for a, b in zip(lora_a, lora_b):

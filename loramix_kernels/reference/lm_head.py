@@ -21,15 +21,20 @@ def _chunk(M: int, k: int, chunk: int | None) -> int:
     return max(k, chunk if chunk is not None else CHUNK_ELEMS // max(M, 1))
 
 
-def _merge(run_v, run_i, v, i, k):
-    """Top-k of two candidate lists, each ordered (value desc, index asc), where every index of
-    the first is below every index of the second: a stable descending sort of their concatenation
-    keeps that order among equal values."""
-    if run_v is None:
-        return v, i
-    cat_v, cat_i = torch.cat([run_v, v], 1), torch.cat([run_i, i], 1)
+def _merge_lists(vals, idxs, k):
+    """Top-k of candidate lists, each ordered (value desc, index asc), the indices of each list
+    below those of the next: a stable descending sort of their concatenation keeps that order
+    among equal values."""
+    if len(vals) == 1:
+        return vals[0][:, :k], idxs[0][:, :k]
+    cat_v, cat_i = torch.cat(vals, 1), torch.cat(idxs, 1)
     order = cat_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
     return cat_v.gather(1, order), cat_i.gather(1, order)
+
+
+def _merge(run_v, run_i, v, i, k):
+    """The running top-k merged with the next chunk's list."""
+    return (v, i) if run_v is None else _merge_lists([run_v, v], [run_i, i], k)
 
 
 def lm_head_topk_ref(hidden, weight, k, chunk=None):
@@ -81,13 +86,8 @@ def lm_head_topk_cpu(hidden, weight, k, chunk=None):
         idxs.append(i + v0 if v0 else i)
     if not vals:
         return hidden.new_empty(M, 0, dtype=torch.float32), hidden.new_empty(M, 0, dtype=torch.long)
-    if len(vals) == 1:
-        return vals[0], idxs[0]
-    # every chunk's list is ordered (value desc, index asc) and the chunks ascend in index: one
-    # stable sort of the concatenation keeps the tie rule
-    cat_v, cat_i = torch.cat(vals, 1), torch.cat(idxs, 1)
-    order = cat_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return cat_v.gather(1, order), cat_i.gather(1, order)
+    # every chunk's list is ordered (value desc, index asc) and the chunks ascend in index
+    return _merge_lists(vals, idxs, k)
 
 
 def lm_head_topk_torch(hidden, weight, k):

@@ -49,24 +49,19 @@ def routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, acc_dtype=tor
     return y if (keep_acc or acc_dtype == torch.float64) else y.to(x.dtype)
 
 
-def gate_matrix(expert_ids, gates, num_experts, dtype=torch.float32):
-    """``[T, E]`` summed gate of each expert per token (empty / out-of-range slots dropped: their
-    gate is never read into the sum, so a NaN gate in an empty slot stays out)."""
+def gates_and_routes(expert_ids, gates, num_experts, dtype=torch.float32):
+    """From one pass over the slots: ``[T, E]`` summed gate of each expert per token in ``dtype``
+    and the ``[T, E]`` bool route mask (token t routes to expert e through at least one slot).
+    Empty / out-of-range slots are dropped: their gate is never read into the sum, so a NaN gate in
+    an empty slot stays out."""
     T = expert_ids.shape[0]
     ids = expert_ids.long()
     valid = (ids >= 0) & (ids < num_experts)
+    idx = torch.where(valid, ids, num_experts)
     gm = torch.zeros(T, num_experts + 1, dtype=dtype, device=gates.device)
-    gm.scatter_add_(1, torch.where(valid, ids, num_experts), torch.where(valid, gates.to(dtype), 0))
-    return gm[:, :num_experts]
-
-
-def route_mask(expert_ids, num_experts):
-    """``[T, E]`` bool: token t routes to expert e through at least one slot."""
-    T = expert_ids.shape[0]
-    ids = expert_ids.long()
-    ids = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    m = torch.zeros(T, num_experts + 1, dtype=torch.bool, device=expert_ids.device)
-    return m.scatter_(1, ids, True)[:, :num_experts]
+    gm.scatter_add_(1, idx, torch.where(valid, gates.to(dtype), 0))
+    routed = torch.zeros(T, num_experts + 1, dtype=torch.bool, device=gates.device).scatter_(1, idx, True)
+    return gm[:, :num_experts], routed[:, :num_experts]
 
 
 NEEDS_ALL = (True, True, True, True)
@@ -90,7 +85,7 @@ def routed_lora_dense(x, packed, expert_ids, gates, scaling):
     """Benchmark baseline (b): dense masked two-GEMM form in torch,
     ``y_s = ((x A_cat^T) * gate_mask) B_cat^T`` (no sort, every expert computed)."""
     E = packed[0][0].shape[0] // packed[0][2]
-    gm = gate_matrix(expert_ids, gates, E, dtype=x.dtype) * scaling
+    gm = gates_and_routes(expert_ids, gates, E, dtype=x.dtype)[0] * scaling
     outs = []
     for a_cat, b_cat, r in packed:
         h = x @ a_cat.t()
@@ -181,8 +176,8 @@ def routed_lora_backward_dense(grad_y, x, lora_a, lora_b, expert_ids, gates, sca
     (T, d_in), E = x.shape, lora_a[0].shape[0]
     acc = acc_dtype
     nan = float("nan")
-    gm = gate_matrix(expert_ids, gates, E, dtype=acc) * scaling  # [T, E]
-    route = route_mask(expert_ids, E)  # [T, E]
+    gm, route = gates_and_routes(expert_ids, gates, E, dtype=acc)  # [T, E] each
+    gm = gm * scaling
     routed = route.unsqueeze(-1)  # [T, E, 1]
     route_f = route.to(acc)
     xf, dyf = x.to(acc), grad_y.to(acc)

@@ -42,13 +42,19 @@ def routed_lora_shrink_ref(x, lora_a, expert_ids, acc=None):
     return h
 
 
-def routed_lora_expand_ref(h, lora_b, expert_ids, gates, scaling, acc=None):
-    """Per slot: gather the routed experts' B and one bmm. Returns y ``[T, sum n_s]`` in ``acc``."""
+def _expand_setup(h, lora_b, expert_ids, gates, scaling, acc):
+    """What both expand formulations start from: the accumulation dtype, sizes, valid slots and
+    the per-slot weights ``scaling * gate`` (0 on invalid slots)."""
     acc = acc or (torch.float64 if h.dtype == torch.float64 else torch.float32)
     T, k = expert_ids.shape
     E = lora_b[0].shape[0]
     valid, ids = valid_slots(expert_ids, E)
-    w = torch.where(valid, gates.to(acc), 0) * scaling
+    return acc, T, k, E, valid, ids, torch.where(valid, gates.to(acc), 0) * scaling
+
+
+def routed_lora_expand_ref(h, lora_b, expert_ids, gates, scaling, acc=None):
+    """Per slot: gather the routed experts' B and one bmm. Returns y ``[T, sum n_s]`` in ``acc``."""
+    acc, T, k, E, valid, ids, w = _expand_setup(h, lora_b, expert_ids, gates, scaling, acc)
     outs = []
     for s, b in enumerate(lora_b):
         r = b.shape[2]
@@ -100,11 +106,7 @@ def shrink_dense(x, lora_a, expert_ids, acc=None):
 def expand_dense(h, lora_b, expert_ids, gates, scaling, acc=None):
     """``(sum_j g_j h_j scattered to experts) @ B_cat^T``: one GEMM per slice. A non-finite entry
     of an expert a token does not use gives NaN there (0 * inf): callers check and fall back."""
-    acc = acc or (torch.float64 if h.dtype == torch.float64 else torch.float32)
-    T, k = expert_ids.shape
-    E = lora_b[0].shape[0]
-    valid, ids = valid_slots(expert_ids, E)
-    w = torch.where(valid, gates.to(acc), 0) * scaling
+    acc, T, k, E, valid, ids, w = _expand_setup(h, lora_b, expert_ids, gates, scaling, acc)
     outs = []
     for s, b in enumerate(lora_b):
         n, r = b.shape[1], b.shape[2]
