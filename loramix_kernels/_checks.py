@@ -55,29 +55,36 @@ def check_index_range(op: str, arg: str, t: torch.Tensor, lo: int, hi: int) -> N
 
 
 def _has_data(t: torch.Tensor) -> bool:
-    return t.device.type != "meta" and not isinstance(t, torch._subclasses.FakeTensor)
+    return not t.is_meta and not isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last] byte addressed by ``t`` (an empty tensor addresses nothing)."""
-    lo = hi = t.storage_offset()
+    """[first, last] byte addressed by a non-empty ``t``."""
+    es = t.element_size()
+    start = t.data_ptr()  # the storage's pointer plus the offset
+    if t.is_contiguous():
+        return start, start + t.numel() * es - 1
+    lo = hi = 0
     for size, stride in zip(t.shape, t.stride()):
         span = (size - 1) * stride
-        lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
-    start = t.untyped_storage().data_ptr()
-    return start + lo * t.element_size(), start + (hi + 1) * t.element_size() - 1
+        if span < 0:
+            lo += span
+        else:
+            hi += span
+    return start + lo * es, start + (hi + 1) * es - 1
 
 
-def _ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` address a common byte. Disjoint byte ranges answer at once; otherwise
-    numpy's exact solver decides from pointers and strides alone (it never reads the memory, so
-    this works for CUDA tensors too): interleaved views that do not meet, e.g. ``kv[:, 0]`` and
-    ``kv[:, 1]`` of a ``[num_blocks, 2, ...]`` cache, are not an overlap. Too hard to decide within
-    the solver's work bound counts as an overlap."""
+def _ranges_overlap(a: torch.Tensor, b: torch.Tensor, ra=None, rb=None) -> bool:
+    """Whether ``a`` and ``b`` address a common byte (``ra`` / ``rb``: their byte ranges when
+    already known). Disjoint byte ranges answer at once; otherwise numpy's exact solver decides
+    from pointers and strides alone (it never reads the memory, so this works for CUDA tensors
+    too): interleaved views that do not meet, e.g. ``kv[:, 0]`` and ``kv[:, 1]`` of a
+    ``[num_blocks, 2, ...]`` cache, are not an overlap. Too hard to decide within the solver's
+    work bound counts as an overlap."""
     if a.numel() == 0 or b.numel() == 0:
         return False
-    a0, a1 = _byte_range(a)
-    b0, b1 = _byte_range(b)
+    a0, a1 = ra or _byte_range(a)
+    b0, b1 = rb or _byte_range(b)
     if a1 < b0 or b1 < a0:
         return False
     import numpy as np
@@ -116,12 +123,14 @@ def check_writable(op: str, arg: str, t: torch.Tensor) -> None:
 
 def check_no_alias(op: str, arg: str, t: torch.Tensor, others: dict) -> None:
     """``t`` (written in place) must not share memory with any of ``others`` (name -> tensor or
-    list of tensors). Compares storage ranges: metadata only, no sync."""
-    if not _has_data(t):
+    list of tensors). Compares address ranges (``t``'s computed once): metadata only, no sync."""
+    if t.numel() == 0 or not _has_data(t):
         return
+    rt = _byte_range(t)
     for name, o in others.items():
-        for i, u in enumerate(o if isinstance(o, (list, tuple)) else [o]):
-            if isinstance(u, torch.Tensor) and _has_data(u) and _ranges_overlap(t, u):
+        for i, u in enumerate(o if isinstance(o, (list, tuple)) else (o,)):
+            if (isinstance(u, torch.Tensor) and u.numel() and _has_data(u)
+                    and _ranges_overlap(t, u, rt)):
                 where = name if not isinstance(o, (list, tuple)) else f"{name}[{i}]"
                 fail(op, arg, f"is written in place and must not share memory with {where}")
 

@@ -161,3 +161,14 @@ def load() -> ModuleType | None:
     if package is not None:
         package._C = module
     return module
+
+
+@functools.lru_cache(maxsize=None)
+def has_op(name: str) -> bool:
+    """Whether the loaded native module registered ``torch.ops.loramix.<name>`` (a private CPU op
+    of ``csrc/``); False without the module, or with a stale one built before that op existed."""
+    try:
+        getattr(torch.ops.loramix, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramix_kernels import _backend
+from loramix_kernels import _backend, _native
 from loramix_kernels.ops.lm_head import MAX_TRITON_K, lm_head_topk, lm_head_topk_triton, validate_lm_head_topk
-from loramix_kernels.reference.lm_head import lm_head_topk_cpu, lm_head_topk_ref
+from loramix_kernels.reference.lm_head import lm_head_topk_chunked, lm_head_topk_ref
 
 from tests.common import TOL, TRITON_DEVICE, TRITON_OK, assert_close, backends, requires_triton, strided, triton_path
 
@@ -119,7 +119,7 @@ def test_cpu_kernel_chunks_match_reference(dtype):
         h, w = _int_inputs(M, V, H, dtype, g, -1, 2)
         want = lm_head_topk_ref(h, w, k)
         for chunk in (None, 7, 16, 64):
-            got = lm_head_topk_cpu(h, w, k, chunk=chunk)
+            got = lm_head_topk_chunked(h, w, k, chunk=chunk)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), chunk
             ref_chunked = lm_head_topk_ref(h, w, k, chunk=chunk)
             assert torch.equal(ref_chunked[1], want[1])
@@ -217,7 +217,7 @@ def test_hypothesis_exact_on_integer_logits(M, V, H, dtype, strided_inputs, tran
     if strided_inputs:
         h, w = strided(h), strided(w)
     validate_lm_head_topk(h, w, k)
-    got_cpu = lm_head_topk_cpu(h, w, k)
+    got_cpu = lm_head_topk_chunked(h, w, k)
     assert torch.equal(got_cpu[0], want[0]) and torch.equal(got_cpu[1], want[1])
     if TRITON_OK:
         with triton_path():
@@ -264,3 +264,28 @@ def test_nan_logits_rank_as_minus_inf(name, device, ctx):
     assert idx[0].tolist() == [17, 3, 0, 1] and idx[1].tolist() == [17, 3, 0, 1]
     assert idx[2].tolist() == [0, 1, 2, 3]
     assert vals[0, :2].tolist() == [16.0, 8.0] and bool(torch.isinf(vals[:, 2:]).all())
+
+
+@pytest.mark.skipif(not _native.has_op("_lm_head_topk_cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_cpu_kernel_matches_reference(dtype):
+    """The native CPU kernel (one pass per row with the tie rule built in) equals the stable-sort
+    reference exactly: tie-heavy integer logits, NaN and infinite logits, strided and transposed
+    operands, k from 1 to the largest native k; larger k falls back to the chunked kernel."""
+    from loramix_kernels.ops.lm_head import NATIVE_MAX_K, lm_head_topk_cpu
+
+    g = torch.Generator().manual_seed(7)
+    for M, V, H, k in [(1, 1, 1, 1), (3, 50, 2, 1), (5, 200, 3, 7), (2, 64, 1, NATIVE_MAX_K),
+                       (4, 300, 2, NATIVE_MAX_K + 1)]:
+        h, w = _int_inputs(M, V, H, dtype, g, -1, 2)
+        if V > 10:
+            w[3] = float("nan")
+            w[5] = float("inf")
+            w[7] = -float("inf")
+        wt = w.t().contiguous().t()  # same values, transposed strides
+        hs = torch.stack([h, torch.zeros_like(h)], -1).flatten(1)[:, ::2]  # h, element stride 2
+        want = lm_head_topk_ref(h, w, k)
+        for hh, ww in ((h, w), (hs, wt)):
+            got = lm_head_topk_cpu(hh, ww, k)
+            assert torch.equal(got[1], want[1]), (M, V, H, k)
+            torch.testing.assert_close(got[0], want[0], equal_nan=True)

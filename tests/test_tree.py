@@ -18,7 +18,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramix_kernels import build_tree, tree_attention
+from loramix_kernels import _native, build_tree, tree_attention
 from loramix_kernels.ops import tree as T
 from loramix_kernels.reference.tree import build_tree_ref, tree_attention_ref
 
@@ -526,6 +526,28 @@ def test_cpu_kernel_arbitrary_mask_bits_and_dead_rows(cpu_layout):
     got = T.tree_attention_cpu(*args, 0.3)
     assert torch.equal(got[0, :5], torch.zeros_like(got[0, :5]))
     assert_close(got, tree_attention_ref(*args, 0.3).double(), torch.float32)
+
+
+@pytest.mark.skipif(not _native.has_op("_tree_attention_cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_fast_path_taken_and_declines_garbage(dtype, cpu_layout):
+    """The native fast path (csrc/tree.cpp) answers valid inputs itself (ok), with strided caches
+    and q, and declines (not ok: the Python kernel's careful path runs) when garbage could reach
+    a row or a length lies outside the table."""
+    _, args = make_attention_case(3, 9, 8, 2, 32, 16, [37, 5, 0], dtype, "random", seed=5)
+    q, k, v, table, lens, mask = args
+    args_s = [strided(t) for t in args]
+    for a in (args, args_s):
+        out, ok = torch.ops.loramix._tree_attention_cpu(*a, 0.3, T._FOLD_MAX_ROWS)
+        assert ok
+        assert_close(out, tree_attention_ref(*args, 0.3).double(), dtype)
+    parents, gargs, sees = _garbage_in_unseen_slots(dtype, "cpu")
+    _, ok = torch.ops.loramix._tree_attention_cpu(*gargs, 0.3, T._FOLD_MAX_ROWS)
+    assert not ok and bool(sees.any())
+    too_long = lens.clone()
+    too_long[0] = table.shape[1] * k.shape[1] + 1
+    _, ok = torch.ops.loramix._tree_attention_cpu(q, k, v, table, too_long, mask, 0.3, T._FOLD_MAX_ROWS)
+    assert not ok
 
 
 @given(st.data())

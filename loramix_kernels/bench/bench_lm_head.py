@@ -7,7 +7,7 @@ k in {1, 4, 8} (bf16), plus decode (M = 1) on a Llama-3-sized head and a 256k x 
 * ``loramix``: the op (Triton streaming top-k on CUDA; chunked matmul + topk on CPU);
 * ``torch``: ``torch.topk(hidden @ weight.T, k)`` (``reference/lm_head.py``), the [M, V] logits
   materialised in the inputs' dtype;
-* ``chunked``: the chunked fp32 torch kernel (``lm_head_topk_cpu``) on the same device, what
+* ``chunked``: the chunked fp32 torch kernel (``lm_head_topk_chunked``) on the same device, what
   ``lm_head_topk`` runs on CUDA for k > 64.
 
 Roofline traffic (``traffic_bytes``): one read of the weight and the hidden states plus the
@@ -22,7 +22,7 @@ import torch
 
 import loramix_kernels  # noqa: F401
 from loramix_kernels.ops.lm_head import lm_head_topk
-from loramix_kernels.reference.lm_head import lm_head_topk_cpu, lm_head_topk_torch
+from loramix_kernels.reference.lm_head import lm_head_topk_chunked, lm_head_topk_torch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -58,7 +58,7 @@ def candidates(case, inputs):
     return {
         "loramix": lambda: lm_head_topk(h, w, k),
         "torch": lambda: lm_head_topk_torch(h, w, k),
-        "chunked": lambda: lm_head_topk_cpu(h, w, k),
+        "chunked": lambda: lm_head_topk_chunked(h, w, k),
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, _native
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
                        check_shape, check_tensor, check_writable, fail)
 from .._tiles import cdiv, next_pow2
@@ -19,6 +19,30 @@ from ..reference.kv import compact_kv_layers_ref_, compact_kv_ref_, kv_write_ref
 from ._registry import register_op
 
 _OP = "compact_kv_"
+
+
+def _native_cpu(t: torch.Tensor, name: str) -> bool:
+    """Whether the CPU kernel of this call is the native one (``csrc/kv.cpp``, op ``name``): CPU
+    tensors, not routed to the Triton interpreter, extension built. Its value checks then run
+    inside the kernel's walk instead of the validator's vectorised torch."""
+    return t.device.type == "cpu" and not _backend.use_triton(t) and _native.has_op(name)
+
+
+def _native_disagrees(op):
+    raise RuntimeError(f"{op}: the native CPU kernel rejected a value that the Python checks accept "
+                       "(a bug: please report it; LORAMIX_NATIVE=0 avoids the native kernels)")
+
+
+def _compact_cpu(op, ref, k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
+    """CPU kernel of compact_kv_ / compact_kv_layers_: the native walk (value checks, then the row
+    moves of every layer) when built, else the vectorised gather-then-scatter ``ref``."""
+    if not _native_cpu(accept_index, "_compact_kv_cpu"):
+        return ref(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+    if not torch.ops.loramix._compact_kv_cpu(k_cache, v_cache, block_table, seq_lens, accept_index,
+                                             accept_len, _backend.check_values(accept_index)):
+        _check_compact_values(op, block_table, seq_lens, accept_index, accept_len,
+                              *k_cache.shape[-4:-2])
+        _native_disagrees(op)
 
 
 def validate_compact_kv(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
@@ -56,24 +80,35 @@ def _check_compact(op, k_cache, v_cache, block_table, seq_lens, accept_index, ac
     check_writable(op, vname, v_cache)
     check_no_alias(op, kname, k_cache, {vname: v_cache, **indices})
     check_no_alias(op, vname, v_cache, indices)
-    if _backend.check_values(accept_index) and B > 0:
-        check_index_range(op, "accept_len", accept_len, 0, N)
-        cap = block_table.shape[1] * block_size
-        check_index_range(op, "seq_lens", seq_lens, N, cap + 1)
-        a = accept_index.long()
-        j = torch.arange(N, device=dev)[None, :]
-        used = j <= accept_len.long()[:, None]
-        check(bool(((a >= 0) & (a < N) | ~used).all()), op, "accept_index",
-              f"entries on the accepted path (j <= accept_len) must lie in [0, {N})")
-        prev = torch.cat([a.new_full((B, 1), -1), a[:, :-1]], 1)
-        check(bool(((a > prev) | ~used).all()), op, "accept_index",
-              "must be strictly increasing along the accepted path (a child comes after its parent)")
-        base = seq_lens.long()[:, None] - N
-        pos = torch.cat([(base + a)[used], (base + j).expand(B, N)[used]])
-        rows = torch.arange(B, device=dev)[:, None].expand(B, N)[used].repeat(2)
-        blk = block_table.long()[rows, pos // block_size]
-        if blk.numel() and not bool(((blk >= 0) & (blk < num_blocks)).all()):
-            fail(op, "block_table", f"entries used by the move must lie in [0, {num_blocks})")
+    if B > 0 and _backend.check_values(accept_index) and not _native_cpu(accept_index, "_compact_kv_cpu"):
+        _check_compact_values(op, block_table, seq_lens, accept_index, accept_len, num_blocks,
+                              block_size)
+
+
+def _check_compact_values(op, block_table, seq_lens, accept_index, accept_len, num_blocks,
+                          block_size):
+    """The value checks of ``compact_kv_`` / ``compact_kv_layers_`` (vectorised torch): raise naming
+    the first invalid argument. The native kernel makes the same checks in its walk and calls this
+    only to name what it rejected."""
+    B, N = accept_index.shape
+    dev = accept_index.device
+    check_index_range(op, "accept_len", accept_len, 0, N)
+    cap = block_table.shape[1] * block_size
+    check_index_range(op, "seq_lens", seq_lens, N, cap + 1)
+    a = accept_index.long()
+    j = torch.arange(N, device=dev)[None, :]
+    used = j <= accept_len.long()[:, None]
+    check(bool(((a >= 0) & (a < N) | ~used).all()), op, "accept_index",
+          f"entries on the accepted path (j <= accept_len) must lie in [0, {N})")
+    prev = torch.cat([a.new_full((B, 1), -1), a[:, :-1]], 1)
+    check(bool(((a > prev) | ~used).all()), op, "accept_index",
+          "must be strictly increasing along the accepted path (a child comes after its parent)")
+    base = seq_lens.long()[:, None] - N
+    pos = torch.cat([(base + a)[used], (base + j).expand(B, N)[used]])
+    rows = torch.arange(B, device=dev)[:, None].expand(B, N)[used].repeat(2)
+    blk = block_table.long()[rows, pos // block_size]
+    if blk.numel() and not bool(((blk >= 0) & (blk < num_blocks)).all()):
+        fail(op, "block_table", f"entries used by the move must lie in [0, {num_blocks})")
 
 
 def compact_kv_triton(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
@@ -112,8 +147,7 @@ register_op(
     "Tensor accept_index, Tensor accept_len) -> ()",
     validate=validate_compact_kv,
     triton=compact_kv_triton,
-    # A gather + scatter of at most B * N rows: vectorised torch is as fast as a native loop.
-    cpu=compact_kv_ref_,
+    cpu=lambda *args: _compact_cpu(_OP, compact_kv_ref_, *args),
     fake=lambda info, *args: None,
 )
 
@@ -193,7 +227,7 @@ register_op(
     "Tensor accept_index, Tensor accept_len) -> ()",
     validate=validate_compact_kv_layers,
     triton=compact_kv_layers_triton,
-    cpu=compact_kv_layers_ref_,
+    cpu=lambda *args: _compact_cpu(_OP_LAYERS, compact_kv_layers_ref_, *args),
     fake=lambda info, *args: None,
 )
 
@@ -260,11 +294,28 @@ def validate_kv_write(k_cache, v_cache, k, v, slot_mapping):
     inputs = dict(k=k, v=v, slot_mapping=slot_mapping)
     check_no_alias(op, "k_cache", k_cache, dict(v_cache=v_cache, **inputs))
     check_no_alias(op, "v_cache", v_cache, inputs)
-    if _backend.check_values(slot_mapping) and T > 0:
-        check_index_range(op, "slot_mapping", slot_mapping, -1, num_blocks * block_size)
-        used = slot_mapping[slot_mapping >= 0]
-        check(used.unique().numel() == used.numel(), op, "slot_mapping",
-              "must not write one slot twice (entries >= 0 must be distinct)")
+    if T > 0 and _backend.check_values(slot_mapping) and not _native_cpu(slot_mapping, "_kv_write_cpu"):
+        _check_kv_write_values(slot_mapping, num_blocks * block_size)
+
+
+def _check_kv_write_values(slot_mapping, num_slots):
+    """The value checks of ``kv_write_`` (vectorised torch), raising with the message."""
+    op = _OP_WRITE
+    check_index_range(op, "slot_mapping", slot_mapping, -1, num_slots)
+    used = slot_mapping[slot_mapping >= 0]
+    check(used.unique().numel() == used.numel(), op, "slot_mapping",
+          "must not write one slot twice (entries >= 0 must be distinct)")
+
+
+def kv_write_cpu(k_cache, v_cache, k, v, slot_mapping):
+    """CPU kernel: the native walk (``csrc/kv.cpp``: value checks, then the row copies) when built,
+    else ``kv_write_ref_`` (one vectorised index_put per cache)."""
+    if not _native_cpu(slot_mapping, "_kv_write_cpu"):
+        return kv_write_ref_(k_cache, v_cache, k, v, slot_mapping)
+    if not torch.ops.loramix._kv_write_cpu(k_cache, v_cache, k, v, slot_mapping,
+                                           _backend.check_values(slot_mapping)):
+        _check_kv_write_values(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
+        _native_disagrees(_OP_WRITE)
 
 
 def kv_write_triton(k_cache, v_cache, k, v, slot_mapping):
@@ -289,8 +340,7 @@ register_op(
     "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()",
     validate=validate_kv_write,
     triton=kv_write_triton,
-    # One index_put per cache: vectorised torch is what a native loop would do.
-    cpu=kv_write_ref_,
+    cpu=kv_write_cpu,
     fake=lambda info, *args: None,
 )
 

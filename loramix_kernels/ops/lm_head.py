@@ -1,19 +1,19 @@
 """Top-k of the LM head's logits without materialising them: ``lm_head_topk``.
 
 ``validate_lm_head_topk``, the launcher ``lm_head_topk_triton`` (tiles, vocabulary splits, the two
-launches of ``kernels/lm_head.py``), the registration (``ops/_registry.py``; CPU kernel:
-``reference/lm_head.py``'s chunked matmul + topk; no autograd: the indices are integers) and the
-public function.
+launches of ``kernels/lm_head.py``), the CPU kernel ``lm_head_topk_cpu`` (native C++ when built,
+else ``reference/lm_head.py``'s chunked matmul + topk), the registration (``ops/_registry.py``; no
+autograd: the indices are integers) and the public function.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, _native
 from .._checks import FLOAT_DTYPES, check, check_tensor
 from .._tiles import cdiv, next_pow2, pow2_at_least
-from ..reference.lm_head import lm_head_topk_cpu
+from ..reference.lm_head import lm_head_topk_chunked
 from ._registry import register_op
 
 _OP = "lm_head_topk"
@@ -72,7 +72,7 @@ def lm_head_topk_triton(hidden, weight, k, splits=None):
     if M == 0:
         return (hidden.new_empty(0, k, dtype=torch.float32), hidden.new_empty(0, k, dtype=torch.long))
     if k > MAX_TRITON_K:
-        return lm_head_topk_cpu(hidden, weight, k)
+        return lm_head_topk_chunked(hidden, weight, k)
     from ..kernels.lm_head import _lm_head_topk_merge_kernel, _lm_head_topk_partial_kernel
 
     block_m, block_v, block_k, auto_splits, warps, stages = _config(M, V, H, k, hidden)
@@ -101,6 +101,20 @@ def lm_head_topk_triton(hidden, weight, k, splits=None):
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return values, indices
+
+
+#: Largest k of the native CPU kernel (``csrc/lm_head.cpp``: a sorted insertion per row, O(V k)
+#: worst case); larger k runs the chunked torch kernel.
+NATIVE_MAX_K = 64
+
+
+def lm_head_topk_cpu(hidden, weight, k):
+    """CPU kernel: the native one (``csrc/lm_head.cpp``: per vocabulary chunk an fp32 GEMM, then
+    one pass per row keeping its k best under the tie rule) when built and ``k <=
+    NATIVE_MAX_K``; else ``lm_head_topk_chunked`` (torch.topk, a tie check, stable re-sorts)."""
+    if k <= NATIVE_MAX_K and hidden.device.type == "cpu" and _native.has_op("_lm_head_topk_cpu"):
+        return torch.ops.loramix._lm_head_topk_cpu(hidden, weight, k)
+    return lm_head_topk_chunked(hidden, weight, k)
 
 
 def _fake(info, hidden, weight, k):

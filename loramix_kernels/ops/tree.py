@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, _native
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_parents, check_shape, check_tensor,
                        fail)
 from .._tiles import cdiv, pow2_at_least
@@ -344,12 +344,22 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     for garbage: non-finite K / V in tree slots a row does not see cannot reach it (zeroed, and
     only the rows that see them get NaN); a row that sees no key gets 0. Bad lengths or block ids
     (value checks off) are clamped as in the Triton kernel.
+
+    With the native extension built, ``csrc/tree.cpp`` does the gather and the mask in one walk
+    around the same attention call (the per-call cost at decode sizes); when its output is not
+    finite or a length lies outside the table, the code below runs instead (the slow path that
+    sanitises garbage).
     """
     if q.device.type != "cpu":  # LORAMIX_BACKEND=reference on CUDA tensors (a debugging aid)
         return tree_attention_ref(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
     B, N, Hq, D = q.shape
     num_blocks, bs, Hkv, _ = k_cache.shape
     scale = default_scale(D) if sm_scale is None else float(sm_scale)
+    if _native.has_op("_tree_attention_cpu"):  # the same maths in one native walk (csrc/tree.cpp)
+        out, ok = torch.ops.loramix._tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens,
+                                                        tree_mask, scale, _FOLD_MAX_ROWS)
+        if ok:
+            return out
     out = torch.empty(B, N, Hq, D, dtype=q.dtype)
     if out.numel() == 0:
         return out
@@ -388,43 +398,61 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     # bigger blocks for SDPA, no mask broadcast needed since the mask is materialised per row);
     # wide trees keep [N, L] per query head with SDPA's own GQA and a mask broadcast over heads.
     fold = M <= _FOLD_MAX_ROWS
-    mask = torch.zeros(B, N, G if fold else 1, L, dtype=q.dtype)
-    mask[..., Lp:].masked_fill_(hidden[:, :, None, :], float("-inf"))
-    if pmin < Lp:  # shorter prefixes: mask (and zero, against 0 * NaN) their tail of [0, Lp)
-        for b in (prefix < Lp).nonzero().flatten().tolist():
-            p = int(prefix[b])
-            k[b, p:Lp] = 0
-            v[b, p:Lp] = 0
-            mask[b, ..., p:Lp] = float("-inf")
-    # Tree slots are seen by some rows only: a NaN / inf there (a padding node's never-written
-    # slot) must not reach the others through the masked sum (0 * inf = NaN). One cheap sum
-    # decides whether to look closer.
-    kt, vt = k[:, Lp:], v[:, Lp:]
-    poisoned = None
-    if not math.isfinite(float(kt.sum(dtype=torch.float32) + vt.sum(dtype=torch.float32))):
-        fin = torch.isfinite(kt) & torch.isfinite(vt)
-        kt.masked_fill_(~fin, 0)
-        vt.masked_fill_(~fin, 0)
-        garbage = ~fin.all(-1)  # [B, N, Hkv]: tree slot j of KV head h holds NaN / inf
-        poisoned = (~hidden[:, :, None, :] & garbage.permute(0, 2, 1)[:, None, :, :]).any(-1)
+    rows = G if fold else 1
+    ninf = float("-inf")
+    # The additive mask [B, N, rows, L] in one write: [prefix columns | tree columns].
+    tree_part = torch.zeros(B, N, 1, N, dtype=q.dtype).masked_fill_(hidden[:, :, None, :], ninf)
+    tail = None
+    if pmin < Lp:  # shorter prefixes: their tail of [0, Lp) is masked
+        tail = _arange(Lp)[None, :] >= prefix[:, None]  # [B, Lp], one pass for every request
+        prefix_part = torch.zeros(B, 1, 1, Lp, dtype=q.dtype).masked_fill_(tail[:, None, None, :], ninf)
+    else:
+        prefix_part = torch.zeros(1, 1, 1, Lp, dtype=q.dtype)
+    mask = torch.cat([prefix_part.expand(B, N, rows, Lp), tree_part.expand(B, N, rows, N)], -1)
     out5 = out.view(B, N, Hkv, G, D)
+    _sdpa_into(out, q, k, v, mask, scale, fold)
+    # Masked keys get weight exactly 0, but 0 * NaN = NaN: a NaN / inf in a slot a row does not
+    # see (a shorter prefix's tail, a padding node's never-written tree slot) would reach it, and
+    # a row that sees nothing gets NaN from SDPA. Neither can hide in a finite output, so one sum
+    # over the (small) output decides; only then the slow path zeroes what no row may see, poisons
+    # the rows that see garbage and runs again.
+    if math.isfinite(float(out.sum())):
+        return out
+    if tail is not None:
+        k[:, :Lp].masked_fill_(tail[:, :, None, None], 0)
+        v[:, :Lp].masked_fill_(tail[:, :, None, None], 0)
+    kt, vt = k[:, Lp:], v[:, Lp:]
+    fin = torch.isfinite(kt) & torch.isfinite(vt)
+    kt.masked_fill_(~fin, 0)
+    vt.masked_fill_(~fin, 0)
+    garbage = ~fin.all(-1)  # [B, N, Hkv]: tree slot j of KV head h holds NaN / inf
+    poisoned = (~hidden[:, :, None, :] & garbage.permute(0, 2, 1)[:, None, :, :]).any(-1)
+    _sdpa_into(out, q, k, v, mask, scale, fold)
+    if pmin == 0:  # a row with no prefix and no visible tree node sees nothing: 0, not NaN
+        dead = hidden.all(-1) & (prefix == 0)[:, None]
+        if bool(dead.any()):
+            out.masked_fill_(dead[:, :, None, None], 0)
+    out5.masked_fill_(poisoned[..., None, None], float("nan"))  # sees a garbage slot of this head
+    return out
+
+
+def _sdpa_into(out, q, k, v, mask, scale, fold):
+    """``out [B, N, Hq, D]`` = SDPA of ``q`` over the gathered ``k`` / ``v [B, L, Hkv, D]`` with the
+    additive ``mask [B, N, rows, L]``, the GQA group folded into the query rows or not."""
+    B, N, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    L = k.shape[1]
     if fold:
-        qf = q.view(B, N, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, M, D)
+        qf = q.view(B, N, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, N * G, D)
         o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask.view(B, 1, M, L), scale=scale)
-        out5.copy_(o.view(B, Hkv, N, G, D).permute(0, 2, 1, 3, 4))
+                                           attn_mask=mask.view(B, 1, N * G, L), scale=scale)
+        out.view(B, N, Hkv, G, D).copy_(o.view(B, Hkv, N, G, D).permute(0, 2, 1, 3, 4))
     else:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                            v.transpose(1, 2), attn_mask=mask.view(B, 1, N, L),
                                            scale=scale, enable_gqa=G > 1)
         out.copy_(o.transpose(1, 2))
-    if pmin == 0:  # a row with no prefix and no visible tree node sees nothing: 0, not NaN
-        dead = hidden.all(-1) & (prefix == 0)[:, None]
-        if bool(dead.any()):
-            out.masked_fill_(dead[:, :, None, None], 0)
-    if poisoned is not None:  # [B, N, Hkv]: the row sees a garbage slot of this KV head
-        out5.masked_fill_(poisoned[..., None, None], float("nan"))
-    return out
 
 
 register_op(

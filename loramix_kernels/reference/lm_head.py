@@ -55,7 +55,7 @@ def lm_head_topk_ref(hidden, weight, k, chunk=None):
     return run_v, run_i
 
 
-def lm_head_topk_cpu(hidden, weight, k, chunk=None):
+def lm_head_topk_chunked(hidden, weight, k, chunk=None):
     """The CPU kernel (plain torch, any device): per vocabulary chunk, an fp32 matmul and a sorted
     ``torch.topk``. Where topk's choice may break the tie rule -- a value equal to the k-th left
     out, or equal values among the k (whose order topk leaves open) -- the row is redone with a
