@@ -11,7 +11,11 @@
 // into the query rows while N * G <= fold_max_rows (the Python kernel's _FOLD_MAX_ROWS), SDPA's
 // own GQA for wider trees.
 //
-// Fast path only: `ok` comes back false, and the Python kernel then does everything itself, when
+// With `check` (the op's value checks on), the lengths and the block ids each request uses are
+// checked first, in the walk; status kInvalid makes the Python op run its own checks to name the
+// offending entry.
+//
+// Fast path only: status kFallback comes back, and the Python kernel then does everything itself, when
 // a length lies outside the table (value checks off) or when the output is not finite -- a NaN /
 // inf in a tree slot some row must not see, or a row that sees no key at all, which the Python
 // kernel's careful path sanitises. A finite output is exactly what that path computes: masked
@@ -60,24 +64,40 @@ void fill_mask(T* m, const at::Tensor& tree_mask, const std::vector<int64_t>& ba
   }
 }
 
-std::tuple<at::Tensor, bool> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+// Status of the fast path: the output is the answer; or the Python kernel must run instead; or
+// (with `check`) a value the op's checks reject -- the Python op then names it.
+constexpr int64_t kOk = 0, kFallback = 1, kInvalid = 2;
+
+std::tuple<at::Tensor, int64_t> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                 const at::Tensor& v_cache,
                                                 const at::Tensor& block_table,
                                                 const at::Tensor& seq_lens,
                                                 const at::Tensor& tree_mask, double scale,
-                                                int64_t fold_max_rows) {
+                                                int64_t fold_max_rows, bool check) {
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t nb = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t cap = block_table.size(1) * bs, G = Hq / Hkv;
   at::Tensor out = at::empty({B, N, Hq, D}, q.options());
-  if (out.numel() == 0) return {out, true};
+  if (check) {  // the op's value checks (ops/tree.py, _check_tree_attention_values), in one walk
+    const char* seq = static_cast<const char*>(seq_lens.data_ptr());
+    const char* table = static_cast<const char*>(block_table.data_ptr());
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t S = index_at(seq_lens, seq, b);
+      if (S < N || S > cap) return {out, kInvalid};
+      for (int64_t m = 0; m < (S + bs - 1) / bs; ++m) {
+        const int64_t blk = index_at(block_table, table, b, m);
+        if (blk < 0 || blk >= nb) return {out, kInvalid};
+      }
+    }
+  }
+  if (out.numel() == 0) return {out, kOk};
   const char* seq = static_cast<const char*>(seq_lens.data_ptr());
   const char* table = static_cast<const char*>(block_table.data_ptr());
   std::vector<int64_t> base(static_cast<size_t>(B));
   int64_t Lp = 0;
   for (int64_t b = 0; b < B; ++b) {
     base[b] = index_at(seq_lens, seq, b) - N;
-    if (base[b] < 0 || base[b] + N > cap) return {out, false};
+    if (base[b] < 0 || base[b] + N > cap) return {out, kFallback};
     Lp = std::max(Lp, base[b]);
   }
   const int64_t L = Lp + N;
@@ -145,14 +165,15 @@ std::tuple<at::Tensor, bool> tree_attention_cpu(const at::Tensor& q, const at::T
     out.copy_(o.transpose(1, 2));
   }
   const bool finite = at::isfinite(out).all().item<bool>();
-  return {out, finite};
+  return {out, finite ? kOk : kFallback};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loramix, m) {
   m.def("_tree_attention_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-        "Tensor seq_lens, Tensor tree_mask, float scale, int fold_max_rows) -> (Tensor out, bool ok)");
+        "Tensor seq_lens, Tensor tree_mask, float scale, int fold_max_rows, bool check) -> "
+        "(Tensor out, int status)");
 }
 
 TORCH_LIBRARY_IMPL(loramix, CPU, m) {

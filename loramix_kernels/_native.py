@@ -172,3 +172,12 @@ def has_op(name: str) -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def runs_on(t: torch.Tensor, name: str) -> bool:
+    """Whether an op's CPU kernel runs the native op ``name`` for tensors like ``t``: CPU tensors
+    not routed to Triton's interpreter (``LORAMIX_BACKEND=triton``), extension built. Such ops make
+    their value checks inside the native walk instead of in the validator's vectorised torch."""
+    from . import _backend
+
+    return t.device.type == "cpu" and not _backend.use_triton(t) and has_op(name)

@@ -46,7 +46,7 @@ PRESETS = {
     "full": dict(hidden=128, layers=8, heads=4, kv_heads=2, ffn=256, draft_layers=2,
                  experts=4, rank=8, top_k=2, seq=96, batch=8, steps=160, mixer_steps=20,
                  lr=3e-3, corpus_bytes=600_000, prompts=8, new_tokens=64,
-                 chain_len=4, kappa=1, num_anchors=None, hf_prompts=2, repeats=2),
+                 chain_len=3, kappa=3, num_anchors=None, hf_prompts=2, repeats=2),
     "quick": dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, draft_layers=1,
                   experts=4, rank=4, top_k=2, seq=64, batch=8, steps=80, mixer_steps=10,
                   lr=4e-3, corpus_bytes=150_000, prompts=4, new_tokens=32,
@@ -331,8 +331,11 @@ def run(args) -> dict:
     one = dict(kw, max_batch=1)
     e1, e1_plain = Engine(model, overlap=True, **one), Engine(model, overlap=True, **one)
     e1.generate([hp[0][:8]], 4, mode="mirror")
+    e1_fresh = Engine(model, overlap=False, reuse=False, **one)
+    e1_fresh.generate([hp[0][:8]], 4, mode="mirror")
     t_m1 = sum(e1.generate([pr], n, mode="mirror").elapsed_s for pr in hp)
     t_p1 = sum(e1_plain.generate([pr], n, mode="plain").elapsed_s for pr in hp)
+    t_f1 = sum(e1_fresh.generate([pr], n, mode="mirror").elapsed_s for pr in hp)
     # Time per op: one more Mirror-SD run with a timer around every op (synchronised on CUDA;
     # overlap off so the draft's ops are not double counted).
     timer = OpTimer(enabled=True, sync=device.type == "cuda")
@@ -376,6 +379,8 @@ def run(args) -> dict:
         "plain_batch1_tokens_per_s": len(hp) * n / t_p1,
         "speedup_vs_hf_assisted_batch1": (len(hp) * n / t_m1) / hf_tps,
         "speedup_vs_plain_batch1": t_p1 / t_m1,
+        "tree_spec_no_branches_batch1_tokens_per_s": len(hp) * n / t_f1,
+        "speedup_no_branches_vs_plain_batch1": t_p1 / t_f1,
         "mean_accepted_len": mirror.mean_accepted_len,
         # per request and step: the accepted draft tokens plus the correction / bonus token
         "mean_tokens_per_step": mirror.mean_accepted_len + 1.0,
@@ -468,7 +473,8 @@ def summary(r) -> str:
         f"overlap ({o['mode']}): {o['with_overlap_s']:.3f} s with, {o['without_overlap_s']:.3f} s "
         f"without (x{o['gain']:.2f})",
         f"tree speculation without branch rollouts {r['tree_spec_no_branches_tokens_per_s']:.1f} tok/s "
-        f"(x{r['speedup_no_branches_vs_plain']:.2f} vs plain)",
+        f"(x{r['speedup_no_branches_vs_plain']:.2f} vs plain; batch 1: "
+        f"x{r['speedup_no_branches_vs_plain_batch1']:.2f})",
         "time per op (profiled run, ms): " + ", ".join(
             f"{k} {v:.1f}" for k, v in r["time_per_op_ms"].items()),
     ]

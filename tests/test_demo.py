@@ -39,6 +39,8 @@ def test_demo_quick_run(tmp_path, capsys):
     assert report["lossless"] is True and report["lossless_prompts"] == "3/3"
     assert report["lossless_no_overlap"] is True and report["lossless_no_branches"] is True
     assert report["tree_spec_no_branches_tokens_per_s"] > 0
+    assert report["speedup_no_branches_vs_plain_batch1"] == pytest.approx(
+        report["tree_spec_no_branches_batch1_tokens_per_s"] / report["plain_batch1_tokens_per_s"])
     assert report["speedup_vs_hf_assisted_batch1"] == pytest.approx(
         report["mirror_batch1_tokens_per_s"] / report["hf_assisted_tokens_per_s"])
     for key in ("plain_tokens_per_s", "mirror_tokens_per_s", "hf_assisted_tokens_per_s"):

@@ -538,16 +538,21 @@ def test_native_fast_path_taken_and_declines_garbage(dtype, cpu_layout):
     q, k, v, table, lens, mask = args
     args_s = [strided(t) for t in args]
     for a in (args, args_s):
-        out, ok = torch.ops.loramix._tree_attention_cpu(*a, 0.3, T._FOLD_MAX_ROWS)
-        assert ok
+        out, status = torch.ops.loramix._tree_attention_cpu(*a, 0.3, T._FOLD_MAX_ROWS, True)
+        assert status == 0
         assert_close(out, tree_attention_ref(*args, 0.3).double(), dtype)
     parents, gargs, sees = _garbage_in_unseen_slots(dtype, "cpu")
-    _, ok = torch.ops.loramix._tree_attention_cpu(*gargs, 0.3, T._FOLD_MAX_ROWS)
-    assert not ok and bool(sees.any())
+    _, status = torch.ops.loramix._tree_attention_cpu(*gargs, 0.3, T._FOLD_MAX_ROWS, True)
+    assert status == 1 and bool(sees.any())
     too_long = lens.clone()
     too_long[0] = table.shape[1] * k.shape[1] + 1
-    _, ok = torch.ops.loramix._tree_attention_cpu(q, k, v, table, too_long, mask, 0.3, T._FOLD_MAX_ROWS)
-    assert not ok
+    args_long = (q, k, v, table, too_long, mask, 0.3, T._FOLD_MAX_ROWS)
+    assert torch.ops.loramix._tree_attention_cpu(*args_long, True)[1] == 2  # checked: invalid
+    assert torch.ops.loramix._tree_attention_cpu(*args_long, False)[1] == 1  # unchecked: fallback
+    bad_block = table.clone()
+    bad_block[1, 0] = k.shape[0]
+    args_bad = (q, k, v, bad_block, lens, mask, 0.3, T._FOLD_MAX_ROWS)
+    assert torch.ops.loramix._tree_attention_cpu(*args_bad, True)[1] == 2
 
 
 @given(st.data())
@@ -711,7 +716,8 @@ def test_raw_op_accepts_sm_scale_none(backend, device, ctx):
 
 @pytest.mark.parametrize("backend, device, ctx", backends())
 def test_validation_runs_once_per_call(backend, device, ctx, monkeypatch):
-    """One validation per call (issue 8): the value checks of each op run exactly once."""
+    """One validation per call (issue 8): the value checks of each op run exactly once (those of
+    tree_attention inside the native kernel's walk when it runs the call)."""
     calls = []
     for name in ("check_parents", "_check_tree_attention_values"):
         real = getattr(T, name)
@@ -721,7 +727,8 @@ def test_validation_runs_once_per_call(backend, device, ctx, monkeypatch):
     with ctx(), value_checks_on():
         build_tree(parents.to(device))
         tree_attention(*args)
-    assert calls == ["check_parents", "_check_tree_attention_values"]
+        native = _native.runs_on(args[4], "_tree_attention_cpu")
+    assert calls == ["check_parents"] + ([] if native else ["_check_tree_attention_values"])
 
 
 def test_ops_module_imports_without_triton():

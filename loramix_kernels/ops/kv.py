@@ -21,13 +21,6 @@ from ._registry import register_op
 _OP = "compact_kv_"
 
 
-def _native_cpu(t: torch.Tensor, name: str) -> bool:
-    """Whether the CPU kernel of this call is the native one (``csrc/kv.cpp``, op ``name``): CPU
-    tensors, not routed to the Triton interpreter, extension built. Its value checks then run
-    inside the kernel's walk instead of the validator's vectorised torch."""
-    return t.device.type == "cpu" and not _backend.use_triton(t) and _native.has_op(name)
-
-
 def _native_disagrees(op):
     raise RuntimeError(f"{op}: the native CPU kernel rejected a value that the Python checks accept "
                        "(a bug: please report it; LORAMIX_NATIVE=0 avoids the native kernels)")
@@ -36,7 +29,7 @@ def _native_disagrees(op):
 def _compact_cpu(op, ref, k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
     """CPU kernel of compact_kv_ / compact_kv_layers_: the native walk (value checks, then the row
     moves of every layer) when built, else the vectorised gather-then-scatter ``ref``."""
-    if not _native_cpu(accept_index, "_compact_kv_cpu"):
+    if not _native.runs_on(accept_index, "_compact_kv_cpu"):
         return ref(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
     if not torch.ops.loramix._compact_kv_cpu(k_cache, v_cache, block_table, seq_lens, accept_index,
                                              accept_len, _backend.check_values(accept_index)):
@@ -80,7 +73,7 @@ def _check_compact(op, k_cache, v_cache, block_table, seq_lens, accept_index, ac
     check_writable(op, vname, v_cache)
     check_no_alias(op, kname, k_cache, {vname: v_cache, **indices})
     check_no_alias(op, vname, v_cache, indices)
-    if B > 0 and _backend.check_values(accept_index) and not _native_cpu(accept_index, "_compact_kv_cpu"):
+    if B > 0 and _backend.check_values(accept_index) and not _native.runs_on(accept_index, "_compact_kv_cpu"):
         _check_compact_values(op, block_table, seq_lens, accept_index, accept_len, num_blocks,
                               block_size)
 
@@ -294,7 +287,7 @@ def validate_kv_write(k_cache, v_cache, k, v, slot_mapping):
     inputs = dict(k=k, v=v, slot_mapping=slot_mapping)
     check_no_alias(op, "k_cache", k_cache, dict(v_cache=v_cache, **inputs))
     check_no_alias(op, "v_cache", v_cache, inputs)
-    if T > 0 and _backend.check_values(slot_mapping) and not _native_cpu(slot_mapping, "_kv_write_cpu"):
+    if T > 0 and _backend.check_values(slot_mapping) and not _native.runs_on(slot_mapping, "_kv_write_cpu"):
         _check_kv_write_values(slot_mapping, num_blocks * block_size)
 
 
@@ -310,7 +303,7 @@ def _check_kv_write_values(slot_mapping, num_slots):
 def kv_write_cpu(k_cache, v_cache, k, v, slot_mapping):
     """CPU kernel: the native walk (``csrc/kv.cpp``: value checks, then the row copies) when built,
     else ``kv_write_ref_`` (one vectorised index_put per cache)."""
-    if not _native_cpu(slot_mapping, "_kv_write_cpu"):
+    if not _native.runs_on(slot_mapping, "_kv_write_cpu"):
         return kv_write_ref_(k_cache, v_cache, k, v, slot_mapping)
     if not torch.ops.loramix._kv_write_cpu(k_cache, v_cache, k, v, slot_mapping,
                                            _backend.check_values(slot_mapping)):

@@ -182,7 +182,7 @@ def validate_tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mas
     check_shape(_TA, "tree_mask", tree_mask, (B, N, cdiv(N, 32)))
     if not (sm_scale is None or (isinstance(sm_scale, (float, int)) and math.isfinite(sm_scale))):
         fail(_TA, "sm_scale", f"must be a finite float or None, got {sm_scale!r}")
-    if B > 0 and _backend.check_values(seq_lens):
+    if B > 0 and _backend.check_values(seq_lens) and not _native.runs_on(seq_lens, "_tree_attention_cpu"):
         _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
 
 
@@ -356,10 +356,16 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     num_blocks, bs, Hkv, _ = k_cache.shape
     scale = default_scale(D) if sm_scale is None else float(sm_scale)
     if _native.has_op("_tree_attention_cpu"):  # the same maths in one native walk (csrc/tree.cpp)
-        out, ok = torch.ops.loramix._tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens,
-                                                        tree_mask, scale, _FOLD_MAX_ROWS)
-        if ok:
+        out, status = torch.ops.loramix._tree_attention_cpu(
+            q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale, _FOLD_MAX_ROWS,
+            _backend.check_values(seq_lens) and B > 0)
+        if status == 0:
             return out
+        if status == 2:  # a value the checks reject: name it
+            _check_tree_attention_values(block_table, seq_lens, N, num_blocks, bs)
+            raise RuntimeError("tree_attention: the native CPU kernel rejected a value that the "
+                               "Python checks accept (a bug: please report it; LORAMIX_NATIVE=0 "
+                               "avoids the native kernels)")
     out = torch.empty(B, N, Hq, D, dtype=q.dtype)
     if out.numel() == 0:
         return out
