@@ -439,14 +439,17 @@ def test_cpu_forward_isolation(name, c, monkeypatch):
 
 
 def test_dense_cheaper_cpu():
-    """The cost model: the benchmark's small shapes and dense routing run dense; sparse routing
-    over many large experts at decode runs per expert, as does a long prefill over 64 experts."""
-    qkv = [4096, 1024, 1024]
-    assert rl.dense_cheaper_cpu(1, 64, 8, [16] * 3, [64, 16, 16], 2)
-    assert rl.dense_cheaper_cpu(16, 64, 32, [16] * 3, [64, 16, 16], 2, backward=True)
-    assert rl.dense_cheaper_cpu(2048, 4096, 8, [16] * 3, qkv, 8)  # soft routing k = E
-    assert not rl.dense_cheaper_cpu(1, 4096, 64, [64] * 3, qkv, 3)
-    assert not rl.dense_cheaper_cpu(2048, 4096, 64, [16] * 3, qkv, 3, backward=True)
+    """The cost model (measured crossovers in its docstring): the benchmark's small shapes and
+    dense routing run dense; decode over large experts and long prefills with sparse routing run
+    per expert."""
+    qkv, small, r3 = (4096, 1024, 1024), (64, 16, 16), (16, 16, 16)
+    assert rl.dense_cheaper_cpu(1, 64, 8, r3, small, 2)
+    assert rl.dense_cheaper_cpu(64, 64, 8, r3, small, 8)
+    assert rl.dense_cheaper_cpu(16, 64, 32, r3, small, 2, backward=True)
+    assert rl.dense_cheaper_cpu(2048, 4096, 8, r3, qkv, 8)  # soft routing k = E
+    assert not rl.dense_cheaper_cpu(1, 4096, 8, r3, qkv, 2)  # converting all 8 experts' weights
+    assert not rl.dense_cheaper_cpu(1, 4096, 64, (64,) * 3, qkv, 3)
+    assert not rl.dense_cheaper_cpu(2048, 4096, 64, r3, qkv, 3, backward=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -649,7 +649,10 @@ def _gate_matrix(expert_ids, gates, E, scaling, acc):
     holding the empty / out-of-range slots (never read, so a NaN gate there stays out); and ``idx``
     ``[T, k]`` int64, the column of each slot. One scatter, no route mask (the CPU dense paths
     check their result instead)."""
-    idx = expert_ids.clamp(-1, E).long().remainder_(E + 1)  # -1 and out of range -> E
+    if _backend.check_values(expert_ids):  # validated: ids in [-1, E), one op fewer
+        idx = expert_ids.long().remainder(E + 1)  # -1 -> E
+    else:  # unchecked values (CUDA, value checks off): clamp, -1 and out of range -> E
+        idx = expert_ids.clamp(-1, E).long().remainder_(E + 1)
     g = gates if gates.dtype == acc else gates.to(acc)
     if scaling != 1.0:
         g = g * scaling
@@ -669,30 +672,41 @@ def _packed_a(lora_a, acc):
 
 
 def _packed_b(b, acc):
-    """One slice's B ``[E, n, r]`` as ``[n, E * r]`` in ``acc`` (columns expert-major, like the
-    packed A's rows): one copy that converts and repacks."""
+    """One slice's B ``[E, n, r]`` as B_cat ``[n, E * r]`` in ``acc`` (columns expert-major, like
+    the packed A's rows): one copy that converts and repacks (this permutation copies about 1.5x
+    faster than the ``[E * r, n]`` one: contiguous runs of r)."""
     E, n, r = b.shape
     return b.permute(1, 0, 2).to(acc, memory_format=torch.contiguous_format).reshape(n, E * r)
 
 
+@functools.lru_cache(maxsize=256)
 def dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k, backward=False) -> bool:
     """CPU: whether the dense masked form (every expert, a few large GEMMs) beats the per-expert
-    loop (only routed work, but ~4 small ops per expert and slice, plus a handful per expert).
+    loop (only routed work, but a few small ops per expert and slice).
 
-    A cost model in "element" units of the dense form: converting a weight element to fp32 costs
-    1, a multiply-add 1/12 (fp32 GEMM vs copy throughput of one core), a small op 16000 (about
-    8 us of host time). Measured on a 2-core AVX-512 EPYC, 1 and 2 threads, bf16 inputs: the
-    benchmark's quick shapes (E 8-32, d_in 64) are 2-10x faster dense; packed q/k/v at d_in 4096,
-    E 8, r 16, top-2 is dense up to T ~ 16 forward. The backward does 3x the GEMM work of the
-    forward on both sides; its per-expert loop about 2x the small ops.
+    A cost model in units of one weight element converted to fp32 (about 0.5 ns): a multiply-add
+    costs 1/12 (one core's fp32 GEMM vs copy throughput), a small op 16000 (about 8 us of host
+    time with its Python). Forward: dense converts every expert's weights, the loop only the
+    active experts'. Backward: dense also writes, checks and converts every expert's dA / dB
+    (4 passes over all weights), the loop zero-fills and converts them (2 passes); 3x the GEMM
+    work of the forward on both sides. Measured on a 2-core AVX-512 EPYC, 1 thread, bf16, to
+    check it: the benchmark's quick shapes (d_in 64, E 8-32) run 2-10x faster dense (model:
+    dense); packed q/k/v at d_in 4096, E 8, r 16, top-2, forward: per-expert 2x faster at T 1,
+    even at T 8 and 32 (model: dense at 8, per-expert at 32), per-expert 1.3x faster at T 128;
+    64 experts top-3, T 1-16: per-expert 6-40x faster; backward at T 4 / 16 / 64: per-expert
+    1.35x / 1.0x / 1.4x faster (model: per-expert from T 4 on).
     """
     if k >= E:
         return True
     active = min(E, T * k)  # experts the per-expert loop visits (at most)
     w = sum(r * (d_in + n) for r, n in zip(ranks, d_outs))  # weights of one expert, all slices
     mac = (3 if backward else 1) * w / 12  # GEMM cost of one (token, expert) pair
-    dense = E * w + T * E * mac
-    per_expert = active * w + T * k * mac + active * 16000 * (4 * len(ranks) + 4) * (2 if backward else 1)
+    if backward:
+        dense = 4 * E * w + T * E * mac
+        per_expert = 2 * E * w + active * w + T * k * mac + active * 16000 * (6 * len(ranks) + 4)
+    else:
+        dense = E * w + T * E * mac
+        per_expert = active * w + T * k * mac + active * 16000 * (4 * len(ranks) + 4)
     return dense <= per_expert
 
 
@@ -705,9 +719,9 @@ def _dense_on_device(x, lora_a, lora_b, k, backward=False) -> bool:
     reproduced alone; presumably MKL's run-time choice of threads for the long reduction over the
     E * r columns). Other devices: where the Triton path would run dense."""
     E = lora_a[0].shape[0]
-    ranks = [a.shape[1] for a in lora_a]
-    if x.device.type == "cpu" and not _backend.deterministic():
-        return dense_cheaper_cpu(x.shape[0], x.shape[1], E, ranks, [b.shape[1] for b in lora_b], k,
+    ranks = tuple(a.shape[1] for a in lora_a)
+    if x.device.type == "cpu" and not _backend.deterministic():  # (cached: ranks, widths as tuples)
+        return dense_cheaper_cpu(x.shape[0], x.shape[1], E, ranks, tuple(b.shape[1] for b in lora_b), k,
                                  backward)
     return choose_strategy(E, ranks, k) != "expert_sorted"
 
@@ -725,12 +739,11 @@ def _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
     hg.mul_(gm.index_select(1, _column_experts(E, ranks, x.device)))
     if len(lora_b) == 1:
         return torch.mm(hg, _packed_b(lora_b[0], acc).t())
-    y = torch.empty(T, sum(b.shape[1] for b in lora_b), dtype=acc, device=x.device)
-    o = c = 0
-    for b in lora_b:
-        E_, n, r = b.shape
-        torch.mm(hg[:, o:o + E * r], _packed_b(b, acc).t(), out=y[:, c:c + n])
-        o, c = o + E * r, c + n
+    d_outs = [b.shape[1] for b in lora_b]
+    y = torch.empty(T, sum(d_outs), dtype=acc, device=x.device)
+    # torch.split: one call for all slices' views (slicing each costs as much host time)
+    for h, ys, b in zip(torch.split(hg, [E * r for r in ranks], 1), torch.split(y, d_outs, 1), lora_b):
+        torch.mm(h, _packed_b(b, acc).t(), out=ys)
     return y
 
 
@@ -798,13 +811,13 @@ def _dense_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, n
     a_all = _packed_a(lora_a, acc) if (need_x or need_b or need_g) else None
     h = torch.mm(xf, a_all.t()) if (need_b or need_g) else None
     dyf = grad_y.to(acc)
+    cols = [E * r for r in ranks]
+    dys = torch.split(dyf, d_outs, 1)
     u = None
     if need_x or need_a or need_g:
         u = torch.empty(T, R, dtype=acc, device=dev)
-        o = c = 0
-        for b, r, n in zip(lora_b, ranks, d_outs):
-            torch.mm(dyf[:, c:c + n], _packed_b(b, acc), out=u[:, o:o + E * r])
-            o, c = o + E * r, c + n
+        for dy, us, b in zip(dys, torch.split(u, cols, 1), lora_b):
+            torch.mm(dy, _packed_b(b, acc), out=us)
     if need_g:
         uh = u * h
         dg = gg.view(T, E)
@@ -812,33 +825,27 @@ def _dense_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, n
             torch.sum(uh.view(T, len(ranks), E, ranks[0]), dim=(1, 3), out=dg)
         else:
             dg.zero_()
-            o = 0
-            for r in ranks:
-                dg += uh[:, o:o + E * r].view(T, E, r).sum(-1)
-                o += E * r
+            for part, r in zip(torch.split(uh, cols, 1), ranks):
+                dg += part.view(T, E, r).sum(-1)
     if need_x or need_a:
         du = u.mul_(gcols)
         if need_x:
             torch.mm(du, a_all, out=gx.view(T, d_in))
         if need_a:
             torch.mm(du.t(), xf, out=ga.view(R, d_in))
-    if need_b:
+    b_sizes = [c * n for c, n in zip(cols, d_outs)]
+    if need_b:  # dB_s as B_cat's [n, E * r]
         hg = h.mul_(gcols)
-        o = c = p = 0
-        for r, n in zip(ranks, d_outs):
-            torch.mm(dyf[:, c:c + n].t(), hg[:, o:o + E * r], out=gb[p:p + n * E * r].view(n, E * r))
-            o, c, p = o + E * r, c + n, p + n * E * r
+        for hs, dy, part, n in zip(torch.split(hg, cols, 1), dys, torch.split(gb, b_sizes), d_outs):
+            torch.mm(dy.t(), hs, out=part.view(n, -1))
     if ws.numel() and not math.isfinite(ws.sum().item()):
         return None
-    out_a, out_b = [], []
-    o = p = 0
-    for a, b, r, n in zip(lora_a, lora_b, ranks, d_outs):
-        if need_a:  # copies: the gradients never share memory
-            out_a.append(ga[o * d_in:(o + E * r) * d_in].view(E, r, d_in).to(a.dtype, copy=True))
-        if need_b:
-            out_b.append(gb[p:p + n * E * r].view(n, E, r).permute(1, 0, 2).to(
-                b.dtype, memory_format=torch.contiguous_format, copy=True))
-        o, p = o + E * r, p + n * E * r
+    # Copies: the gradients never share memory.
+    out_a = [part.view(a.shape).to(a.dtype, copy=True)
+             for part, a in zip(torch.split(ga, [c * d_in for c in cols]), lora_a)] if need_a else []
+    out_b = [part.view(n, E, r).permute(1, 0, 2).to(b.dtype, memory_format=torch.contiguous_format,
+                                                    copy=True)
+             for part, b, r, n in zip(torch.split(gb, b_sizes), lora_b, ranks, d_outs)] if need_b else []
     if need_g:
         gsel = torch.cat([gg.view(T, E), gg.new_zeros(T, 1)], 1).gather(1, idx)
         gsel = gsel.mul_(scaling) if scaling != 1.0 else gsel
