@@ -644,6 +644,13 @@ def _column_experts(E: int, ranks: tuple, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(E, device=device).repeat_interleave(r) for r in ranks])
 
 
+@functools.lru_cache(maxsize=64)
+def _column_slices(d_outs: tuple, device: torch.device) -> torch.Tensor:
+    """``[1, 1, sum d_outs]`` int64: the slice of each output column."""
+    return torch.cat([torch.full((n,), s, dtype=torch.long, device=device)
+                      for s, n in enumerate(d_outs)]).view(1, 1, -1)
+
+
 def _gate_matrix(expert_ids, gates, E, scaling, acc):
     """``gm [T, E + 1]`` in ``acc``: scaling * the summed gate of each expert per token, column E
     holding the empty / out-of-range slots (never read, so a NaN gate there stays out); and ``idx``
@@ -739,8 +746,16 @@ def _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
     hg.mul_(gm.index_select(1, _column_experts(E, ranks, x.device)))
     if len(lora_b) == 1:
         return torch.mm(hg, _packed_b(lora_b[0], acc).t())
-    d_outs = [b.shape[1] for b in lora_b]
-    y = torch.empty(T, sum(d_outs), dtype=acc, device=x.device)
+    d_outs = tuple(b.shape[1] for b in lora_b)
+    S, d_out = len(ranks), sum(d_outs)
+    if T <= 8 and len(set(ranks)) == 1:
+        # Decode, equal ranks: one repack of every slice's B, one GEMM of each slice's gated h
+        # against all of it (S x the expand FLOPs, negligible at T <= 8) and a gather of each
+        # column's own slice: 4 heavy ops instead of 3 per slice (measured -10% at T = 1).
+        b_cat = torch.cat([b.permute(1, 0, 2) for b in lora_b]).to(acc)  # [d_out, E, r]
+        z = torch.mm(hg.view(T * S, -1), b_cat.view(d_out, -1).t()).view(T, S, d_out)
+        return z.gather(1, _column_slices(d_outs, x.device).expand(T, 1, d_out)).view(T, d_out)
+    y = torch.empty(T, d_out, dtype=acc, device=x.device)
     # torch.split: one call for all slices' views (slicing each costs as much host time)
     for h, ys, b in zip(torch.split(hg, [E * r for r in ranks], 1), torch.split(y, d_outs, 1), lora_b):
         torch.mm(h, _packed_b(b, acc).t(), out=ys)
