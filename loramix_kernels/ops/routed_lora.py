@@ -36,7 +36,14 @@ Backward (``loramix::routed_lora_backward``)
   with fp32 atomics). Why not the per-expert loop: it syncs with the host for the list of experts
   and launches ~10 small kernels per expert (E = 64: hundreds of launches), which dominates the
   time and cannot be captured in a CUDA graph. On the PyTorch path the per-expert loop stays
-  (``routed_lora_backward_ref``): on CPU it computes only routed work with BLAS, which is fastest.
+  (``routed_lora_backward_ref``): on CPU it computes only routed work with BLAS, which is fastest
+  for large experts.
+* CPU tensors (forward and backward) choose by cost instead (``dense_cheaper_cpu``, measured
+  crossovers in its docstring): decode and small shapes are host-bound, so the dense masked form
+  with the fewest ops (``_dense_forward_cpu`` / ``_dense_backward_cpu``: all slices' A in one
+  GEMM, gates gathered onto the rank columns, no route mask, one finiteness check) wins there
+  even where the Triton path sorts; large experts at sparse routing run the per-expert loop.
+  Deterministic mode keeps the Triton path's choice (``_dense_on_device``).
 * Double backward (a gradient of these gradients) is not supported: it raises.
 
 Precision of each path (all accumulate in fp32; float64 inputs in float64)
@@ -57,9 +64,11 @@ in the gate of an empty slot or in x rows of other tokens never reach it. On the
 forward GEMMs are checked for non-finite results and, if any, redone per expert; the Triton
 token-major kernel zeroes non-finite B entries in its dense dot and sets the outputs of tokens
 routed to such an expert to NaN (the per-expert form gives inf or NaN there). The dense PyTorch
-backward (``routed_lora_backward_dense``, every device) does the same without a host sync: it
+backward (``routed_lora_backward_dense``, CUDA tensors) does the same without a host sync: it
 zeroes the non-finite entries of x, grad_y and A in its GEMMs and sets NaN exactly where the
-per-expert form is non-finite (0/1 mask GEMMs, 1/r of the main GEMMs' FLOPs).
+per-expert form is non-finite (0/1 mask GEMMs, 1/r of the main GEMMs' FLOPs). On CPU tensors the
+fast dense backward checks all its gradients with one reduction and, if any is non-finite, runs
+``routed_lora_backward_dense`` (an inf / NaN input always reaches that sum: 0 * inf is NaN).
 """
 
 from __future__ import annotations
@@ -770,7 +779,7 @@ def _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
     (the dense form multiplies the weights of experts a token does not use by 0, and 0 * inf is
     NaN). With ``out``, adds into it."""
     T, d_in = x.shape
-    E, k = lora_a[0].shape[0], expert_ids.shape[1]
+    k = expert_ids.shape[1]
     acc = _acc_dtype(x)
     y = None
     if T and d_in and k:
