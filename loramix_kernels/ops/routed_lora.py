@@ -750,14 +750,18 @@ def _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
     T, d_in = x.shape
     E = lora_a[0].shape[0]
     ranks = tuple(a.shape[1] for a in lora_a)
+    S, equal = len(ranks), len(set(ranks)) == 1
     gm, _ = _gate_matrix(expert_ids, gates, E, scaling, acc)
     hg = torch.mm(x.to(acc), _packed_a(lora_a, acc).t())
-    hg.mul_(gm.index_select(1, _column_experts(E, ranks, x.device)))
-    if len(lora_b) == 1:
+    if equal:  # broadcast the [T, E] gates over [T, S, E, r]
+        hg.view(T, S, E, ranks[0]).mul_(gm.narrow(1, 0, E).view(T, 1, E, 1))
+    else:
+        hg.mul_(gm.index_select(1, _column_experts(E, ranks, x.device)))
+    if S == 1:
         return torch.mm(hg, _packed_b(lora_b[0], acc).t())
     d_outs = tuple(b.shape[1] for b in lora_b)
-    S, d_out = len(ranks), sum(d_outs)
-    if T <= 8 and len(set(ranks)) == 1:
+    d_out = sum(d_outs)
+    if T <= 8 and equal:
         # Decode, equal ranks: one repack of every slice's B, one GEMM of each slice's gated h
         # against all of it (S x the expand FLOPs, negligible at T <= 8) and a gather of each
         # column's own slice: 4 heavy ops instead of 3 per slice (measured -10% at T = 1).
