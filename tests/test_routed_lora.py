@@ -334,6 +334,125 @@ def test_backward_dense_isolation(name, c, needs, dtype):
 
 
 # ------------------------------------------------------------------------------------------
+# issue 10: the CPU kernels' fast dense forms (ops/routed_lora.py _dense_forward_cpu,
+# _dense_backward_cpu) against the reference formulations
+# ------------------------------------------------------------------------------------------
+
+
+def _random_cpu_case(seed, dtype):
+    """Random shapes, k from 1 to E, -1 padding, repeated experts, strided views, equal or
+    unequal ranks."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    E = draw(1, 9)
+    k = draw(1, E)
+    n_slices = draw(1, 3) if seed < 12 else draw(2, 3)  # seeds >= 12: decode, several slices
+    ranks = [draw(1, 8)] * n_slices if seed % 2 else [draw(1, 8) for _ in range(n_slices)]
+    T, d_in = draw(1, 24) if seed < 12 else draw(1, 8), draw(1, 40)
+    d_outs = [draw(1, 24) for _ in range(n_slices)]
+    args = make_case(T, d_in, ranks, d_outs, E, k, dtype=dtype, seed=seed, noncontig=seed % 3 == 0,
+                     empty_frac=0.3, idx_dtype=torch.int32 if seed % 4 == 1 else torch.int64)
+    x, A, B, ids, gates = args
+    if k > 1 and seed % 5 == 0:  # the same expert in two slots of a token
+        ids[:, 1] = ids[:, 0]
+    dy = torch.randn(T, sum(d_outs) * 2, generator=g)[:, ::2].to(dtype)  # strided too
+    return (x, A, B, ids, gates), dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(20))
+def test_cpu_dense_forward_matches_reference(seed, dtype):
+    """The fast dense forward (all slices' A in one GEMM, no route mask) against the per-expert
+    reference and the float64 oracle, whatever the cost model would pick."""
+    args, _ = _random_cpu_case(seed, dtype)
+    got = rl._dense_forward_cpu(*args, 0.7, torch.float32)
+    want = routed_lora_ref(*args, 0.7, keep_acc=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_close(got, oracle(*args, 0.7), torch.float32)
+    out = torch.randn(got.shape).to(dtype)
+    expect = out.double() + oracle(*args, 0.7)
+    rl.routed_lora_add_cpu(out, *args, 0.7)
+    assert_close(out, expect, dtype)
+
+
+NEEDS = [None, [True, False, False, False], [False, True, False, False], [False, False, True, False],
+         [False, False, False, True], [True, False, False, True], [False, True, True, False]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(20))
+def test_cpu_dense_backward_matches_reference(seed, dtype):
+    """The fast dense backward (one workspace, one finiteness check) against the per-expert
+    reference for every ``needs`` pattern: same gradients, dtypes, shapes, contiguous outputs
+    that share no memory."""
+    args, dy = _random_cpu_case(seed, dtype)
+    needs = NEEDS[seed % len(NEEDS)]
+    got = rl._dense_backward_cpu(dy, *args, 0.7, rl._needs(needs), torch.float32)
+    want = routed_lora_backward_ref(dy, *args, 0.7, needs)
+    flat_got, flat_want = [got[0], *got[1], *got[2], got[3]], [want[0], *want[1], *want[2], want[3]]
+    ptrs = [t.data_ptr() for t in flat_got if t.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+    for a, w in zip(flat_got, flat_want):
+        assert a.shape == w.shape and a.dtype == w.dtype and a.is_contiguous()
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(a.float(), w.float(), **tol)
+    expect = _oracle_grads(args, dy, 0.7)
+    flat_expect = [expect[0], *expect[1], *expect[2], expect[3]]
+    for a, w in zip(flat_got, flat_expect):
+        if a.numel():
+            assert_close(a, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("needs", [None, [True, False, False, False], [False, True, False, False],
+                                   [False, False, True, False], [False, False, False, True]])
+@pytest.mark.parametrize("name, c", ISOLATION_CASES, ids=[n for n, _ in ISOLATION_CASES])
+def test_cpu_backward_isolation(name, c, needs, dtype, monkeypatch):
+    """The CPU backward kernel with the cost model forced to the dense form: the fast dense
+    backward gives up on a non-finite result (returns None) and the isolated form runs, so the
+    kernel is non-finite exactly where the per-expert float64 form is."""
+    monkeypatch.setattr(rl, "dense_cheaper_cpu", lambda *a, **kw: True)
+    x, dy = c["x"].to(dtype), c["dy"].to(dtype)
+    A, B = [a.to(dtype) for a in c["A"]], [b.to(dtype) for b in c["B"]]
+    got = rl.routed_lora_backward_cpu(dy, x, A, B, c["ids"], c["g"], 0.5, needs)
+    want = routed_lora_backward_ref(dy.double(), x.double(), [a.double() for a in A],
+                                    [b.double() for b in B], c["ids"], c["g"].double(), 0.5, needs,
+                                    torch.float64)
+    flat_got, flat_want = [got[0], *got[1], *got[2], got[3]], [want[0], *want[1], *want[2], want[3]]
+    for i, (a, w) in enumerate(zip(flat_got, flat_want)):
+        bad = ~torch.isfinite(w)
+        assert torch.equal(~torch.isfinite(a), bad), f"{name}: gradient {i}: non-finite pattern differs"
+        assert_close(torch.where(bad, 0.0, a.double()), torch.where(bad, 0.0, w), dtype)
+
+
+@pytest.mark.parametrize("name, c", ISOLATION_CASES, ids=[n for n, _ in ISOLATION_CASES])
+def test_cpu_forward_isolation(name, c, monkeypatch):
+    """The CPU forward with the dense form forced: a non-finite dense result is redone per expert,
+    so a token's output is non-finite exactly where the per-expert form's is."""
+    monkeypatch.setattr(rl, "dense_cheaper_cpu", lambda *a, **kw: True)
+    got = rl.routed_lora_cpu(c["x"], c["A"], c["B"], c["ids"], c["g"], 0.5)
+    want = routed_lora_ref(c["x"].double(), [a.double() for a in c["A"]], [b.double() for b in c["B"]],
+                           c["ids"], c["g"].double(), 0.5, acc_dtype=torch.float64)
+    bad = ~torch.isfinite(want)
+    assert torch.equal(~torch.isfinite(got), bad)
+    assert_close(torch.where(bad, 0.0, got.double()), torch.where(bad, 0.0, want), torch.float32)
+
+
+def test_dense_cheaper_cpu():
+    """The cost model (measured crossovers in its docstring): the benchmark's small shapes and
+    dense routing run dense; decode over large experts and long prefills with sparse routing run
+    per expert."""
+    qkv, small, r3 = (4096, 1024, 1024), (64, 16, 16), (16, 16, 16)
+    assert rl.dense_cheaper_cpu(1, 64, 8, r3, small, 2)
+    assert rl.dense_cheaper_cpu(64, 64, 8, r3, small, 8)
+    assert rl.dense_cheaper_cpu(16, 64, 32, r3, small, 2, backward=True)
+    assert rl.dense_cheaper_cpu(2048, 4096, 8, r3, qkv, 8)  # soft routing k = E
+    assert not rl.dense_cheaper_cpu(1, 4096, 8, r3, qkv, 2)  # converting all 8 experts' weights
+    assert not rl.dense_cheaper_cpu(1, 4096, 64, (64,) * 3, qkv, 3)
+    assert not rl.dense_cheaper_cpu(2048, 4096, 64, r3, qkv, 3, backward=True)
+
+
+# ------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------
 

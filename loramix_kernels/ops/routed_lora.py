@@ -36,7 +36,14 @@ Backward (``loramix::routed_lora_backward``)
   with fp32 atomics). Why not the per-expert loop: it syncs with the host for the list of experts
   and launches ~10 small kernels per expert (E = 64: hundreds of launches), which dominates the
   time and cannot be captured in a CUDA graph. On the PyTorch path the per-expert loop stays
-  (``routed_lora_backward_ref``): on CPU it computes only routed work with BLAS, which is fastest.
+  (``routed_lora_backward_ref``): on CPU it computes only routed work with BLAS, which is fastest
+  for large experts.
+* CPU tensors (forward and backward) choose by cost instead (``dense_cheaper_cpu``, measured
+  crossovers in its docstring): decode and small shapes are host-bound, so the dense masked form
+  with the fewest ops (``_dense_forward_cpu`` / ``_dense_backward_cpu``: all slices' A in one
+  GEMM, gates gathered onto the rank columns, no route mask, one finiteness check) wins there
+  even where the Triton path sorts; large experts at sparse routing run the per-expert loop.
+  Deterministic mode keeps the Triton path's choice (``_dense_on_device``).
 * Double backward (a gradient of these gradients) is not supported: it raises.
 
 Precision of each path (all accumulate in fp32; float64 inputs in float64)
@@ -57,13 +64,16 @@ in the gate of an empty slot or in x rows of other tokens never reach it. On the
 forward GEMMs are checked for non-finite results and, if any, redone per expert; the Triton
 token-major kernel zeroes non-finite B entries in its dense dot and sets the outputs of tokens
 routed to such an expert to NaN (the per-expert form gives inf or NaN there). The dense PyTorch
-backward (``routed_lora_backward_dense``, every device) does the same without a host sync: it
+backward (``routed_lora_backward_dense``, CUDA tensors) does the same without a host sync: it
 zeroes the non-finite entries of x, grad_y and A in its GEMMs and sets NaN exactly where the
-per-expert form is non-finite (0/1 mask GEMMs, 1/r of the main GEMMs' FLOPs).
+per-expert form is non-finite (0/1 mask GEMMs, 1/r of the main GEMMs' FLOPs). On CPU tensors the
+fast dense backward checks all its gradients with one reduction and, if any is non-finite, runs
+``routed_lora_backward_dense`` (an inf / NaN input always reaches that sum: 0 * inf is NaN).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -636,47 +646,153 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _expand_experts(hg, b):
-    """``y[t, n] = sum_{e, i} hg[t, e, i] b[e, n, i]`` without repacking b: one batched GEMM over
-    the experts (b[e]^T is a transposed view, no copy) and a sum, while the [E, T, n] partials stay
-    small (decode); at larger T one GEMM on the repacked ``[E*r, n]`` B (its copy amortised)."""
-    T, E, r = hg.shape
-    if T * E <= 256:
-        return torch.bmm(hg.transpose(0, 1), b.transpose(1, 2)).sum(0)
-    return hg.reshape(T, E * r) @ b.transpose(1, 2).reshape(E * r, b.shape[1])
+@functools.lru_cache(maxsize=64)
+def _column_experts(E: int, ranks: tuple, device: torch.device) -> torch.Tensor:
+    """Expert of each column of the slices' concatenated ``[T, sum_s E * r_s]`` rank space (slice
+    major, then expert, then rank): gathers the ``[T, E]`` gate matrix onto those columns."""
+    return torch.cat([torch.arange(E, device=device).repeat_interleave(r) for r in ranks])
 
 
-def _dense_torch(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
-    """The dense masked form in ``acc`` (fp32 / float64): ``y_s = where(routed, (x A_cat^T) *
-    G) B_cat^T``; returns y in ``acc``."""
-    T, E = x.shape[0], lora_a[0].shape[0]
-    gm, routed = gates_and_routes(expert_ids, gates, E, acc)
-    gm, routed = gm.mul_(scaling).unsqueeze(-1), routed.unsqueeze(-1)
-    xf = x if x.dtype == acc else x.to(acc)
-    outs = []
-    for a, b in zip(lora_a, lora_b):
-        r = a.shape[1]
-        a = a if a.dtype == acc else a.to(acc)
-        h = (xf @ a.reshape(E * r, -1).t()).view(T, E, r)
-        outs.append(_expand_experts(torch.where(routed, h * gm, 0), b if b.dtype == acc else b.to(acc)))
-    return torch.cat(outs, 1)
+@functools.lru_cache(maxsize=64)
+def _column_slices(d_outs: tuple, device: torch.device) -> torch.Tensor:
+    """``[1, 1, sum d_outs]`` int64: the slice of each output column."""
+    return torch.cat([torch.full((n,), s, dtype=torch.long, device=device)
+                      for s, n in enumerate(d_outs)]).view(1, 1, -1)
+
+
+def _gate_matrix(expert_ids, gates, E, scaling, acc):
+    """``gm [T, E + 1]`` in ``acc``: scaling * the summed gate of each expert per token, column E
+    holding the empty / out-of-range slots (never read, so a NaN gate there stays out); and ``idx``
+    ``[T, k]`` int64, the column of each slot. One scatter, no route mask (the CPU dense paths
+    check their result instead)."""
+    if _backend.check_values(expert_ids):  # validated: ids in [-1, E), one op fewer
+        idx = expert_ids.long().remainder(E + 1)  # -1 -> E
+    else:  # unchecked values (CUDA, value checks off): clamp, -1 and out of range -> E
+        idx = expert_ids.clamp(-1, E).long().remainder_(E + 1)
+    g = gates if gates.dtype == acc else gates.to(acc)
+    if scaling != 1.0:
+        g = g * scaling
+    gm = torch.zeros(expert_ids.shape[0], E + 1, dtype=acc, device=gates.device).scatter_add_(1, idx, g)
+    return gm, idx
+
+
+def _packed_a(lora_a, acc):
+    """All slices' A as one ``[sum_s E * r_s, d_in]`` matrix in ``acc`` (one copy, converted after
+    the concatenation: a converting ``cat`` takes a slow path)."""
+    d_in = lora_a[0].shape[2]
+    if len(lora_a) == 1:
+        return lora_a[0].reshape(-1, d_in).to(acc)
+    if len({a.shape[1] for a in lora_a}) == 1:  # equal ranks: one cat of the [E, r, d_in] tensors
+        return torch.cat(lora_a).to(acc).view(-1, d_in)
+    return torch.cat([a.reshape(-1, d_in) for a in lora_a]).to(acc)
+
+
+def _packed_b(b, acc):
+    """One slice's B ``[E, n, r]`` as B_cat ``[n, E * r]`` in ``acc`` (columns expert-major, like
+    the packed A's rows): one copy that converts and repacks (this permutation copies about 1.5x
+    faster than the ``[E * r, n]`` one: contiguous runs of r)."""
+    E, n, r = b.shape
+    return b.permute(1, 0, 2).to(acc, memory_format=torch.contiguous_format).reshape(n, E * r)
+
+
+@functools.lru_cache(maxsize=256)
+def dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k, backward=False) -> bool:
+    """CPU: whether the dense masked form (every expert, a few large GEMMs) beats the per-expert
+    loop (only routed work, but a few small ops per expert and slice).
+
+    A cost model in units of one weight element converted to fp32 (about 0.5 ns): a multiply-add
+    costs 1/12 (one core's fp32 GEMM vs copy throughput), a small op 16000 (about 8 us of host
+    time with its Python). Forward: dense converts every expert's weights, the loop only the
+    active experts'. Backward: dense also writes, checks and converts every expert's dA / dB
+    (4 passes over all weights), the loop zero-fills and converts them (2 passes); 3x the GEMM
+    work of the forward on both sides. Measured on a 2-core AVX-512 EPYC, 1 thread, bf16, to
+    check it: the benchmark's quick shapes (d_in 64, E 8-32) run 2-10x faster dense (model:
+    dense); packed q/k/v at d_in 4096, E 8, r 16, top-2, forward: per-expert 2x faster at T 1,
+    even at T 8 and 32 (model: dense at 8, per-expert at 32), per-expert 1.3x faster at T 128;
+    64 experts top-3, T 1-16: per-expert 6-40x faster; backward at T 4 / 16 / 64: per-expert
+    1.35x / 1.0x / 1.4x faster (model: per-expert from T 4 on).
+    """
+    if k >= E:
+        return True
+    active = min(E, T * k)  # experts the per-expert loop visits (at most)
+    w = sum(r * (d_in + n) for r, n in zip(ranks, d_outs))  # weights of one expert, all slices
+    mac = (3 if backward else 1) * w / 12  # GEMM cost of one (token, expert) pair
+    if backward:
+        dense = 4 * E * w + T * E * mac
+        per_expert = 2 * E * w + active * w + T * k * mac + active * 16000 * (6 * len(ranks) + 4)
+    else:
+        dense = E * w + T * E * mac
+        per_expert = active * w + T * k * mac + active * 16000 * (4 * len(ranks) + 4)
+    return dense <= per_expert
+
+
+def _dense_on_device(x, lora_a, lora_b, k, backward=False) -> bool:
+    """Whether the PyTorch kernels take the dense masked form: CPU tensors where
+    ``dense_cheaper_cpu`` says so, except in deterministic mode (``set_deterministic``), which
+    keeps the previous, device-independent choice (``choose_strategy``): with the cost model,
+    64 experts at T = 4 went dense, and y differed in its last bits between two runs of
+    tests/test_routed_lora.py::test_deterministic_mode in a full run of that file, under load (not
+    reproduced alone; presumably MKL's run-time choice of threads for the long reduction over the
+    E * r columns). Other devices: where the Triton path would run dense."""
+    E = lora_a[0].shape[0]
+    ranks = tuple(a.shape[1] for a in lora_a)
+    if x.device.type == "cpu" and not _backend.deterministic():  # (cached: ranks, widths as tuples)
+        return dense_cheaper_cpu(x.shape[0], x.shape[1], E, ranks, tuple(b.shape[1] for b in lora_b), k,
+                                 backward)
+    return choose_strategy(E, ranks, k) != "expert_sorted"
+
+
+def _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
+    """The dense masked forward in ``acc`` with the fewest ops (decode is host-bound):
+    ``y_s = ((x A_cat^T) * G) B_cat_s`` with all slices' A in one GEMM and the gates gathered onto
+    the rank columns. No route mask: a non-finite value anywhere makes y non-finite (0 * inf is
+    NaN), which the caller checks; a finite y is then exactly the masked result."""
+    T, d_in = x.shape
+    E = lora_a[0].shape[0]
+    ranks = tuple(a.shape[1] for a in lora_a)
+    S, equal = len(ranks), len(set(ranks)) == 1
+    gm, _ = _gate_matrix(expert_ids, gates, E, scaling, acc)
+    hg = torch.mm(x.to(acc), _packed_a(lora_a, acc).t())
+    if equal:  # broadcast the [T, E] gates over [T, S, E, r]
+        hg.view(T, S, E, ranks[0]).mul_(gm.narrow(1, 0, E).view(T, 1, E, 1))
+    else:
+        hg.mul_(gm.index_select(1, _column_experts(E, ranks, x.device)))
+    if S == 1:
+        return torch.mm(hg, _packed_b(lora_b[0], acc).t())
+    d_outs = tuple(b.shape[1] for b in lora_b)
+    d_out = sum(d_outs)
+    if T <= 8 and equal:
+        # Decode, equal ranks: one repack of every slice's B, one GEMM of each slice's gated h
+        # against all of it (S x the expand FLOPs, negligible at T <= 8) and a gather of each
+        # column's own slice: 4 heavy ops instead of 3 per slice (measured -10% at T = 1).
+        b_cat = torch.cat([b.permute(1, 0, 2) for b in lora_b]).to(acc)  # [d_out, E, r]
+        z = torch.mm(hg.view(T * S, -1), b_cat.view(d_out, -1).t()).view(T, S, d_out)
+        return z.gather(1, _column_slices(d_outs, x.device).expand(T, 1, d_out)).view(T, d_out)
+    y = torch.empty(T, d_out, dtype=acc, device=x.device)
+    # torch.split: one call for all slices' views (slicing each costs as much host time)
+    for h, ys, b in zip(torch.split(hg, [E * r for r in ranks], 1), torch.split(y, d_outs, 1), lora_b):
+        torch.mm(h, _packed_b(b, acc).t(), out=ys)
+    return y
 
 
 def _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
-    """The PyTorch forward: the dense masked form on BLAS GEMMs where the Triton path would run
-    dense (small E*r, or dense routing), several times faster on CPU than looping over experts;
-    otherwise the per-expert loop, which computes only routed work. A dense result that is not
-    finite everywhere is redone per expert (the dense form multiplies the weights of experts a
-    token does not use by 0, and 0 * inf is NaN). With ``out``, adds into it."""
-    E, k = lora_a[0].shape[0], expert_ids.shape[1]
+    """The PyTorch forward: the dense masked form on BLAS GEMMs where it is cheaper (CPU tensors:
+    ``dense_cheaper_cpu``; other devices: where the Triton path would run dense), several times
+    faster on CPU than looping over experts at decode; otherwise the per-expert loop, which
+    computes only routed work. A dense result that is not finite everywhere is redone per expert
+    (the dense form multiplies the weights of experts a token does not use by 0, and 0 * inf is
+    NaN). With ``out``, adds into it."""
+    T, d_in = x.shape
+    k = expert_ids.shape[1]
     acc = _acc_dtype(x)
     y = None
-    if x.shape[0] and x.shape[1] and k and choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted":
-        y = _dense_torch(x, lora_a, lora_b, expert_ids, gates, scaling, acc)
-        # One reduction instead of an isfinite pass over y: any inf / NaN makes the sum non-finite
-        # (a finite sum that overflows only costs the exact per-expert recompute).
-        if not bool(torch.isfinite(y.sum())):
-            y = None
+    if T and d_in and k:
+        if _dense_on_device(x, lora_a, lora_b, k):
+            y = _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc)
+            # One reduction instead of an isfinite pass over y: any inf / NaN makes the sum
+            # non-finite (a finite sum that overflows only costs the exact per-expert recompute).
+            if not math.isfinite(y.sum().item()):
+                y = None
     if y is None:
         y = routed_lora_ref(x, lora_a, lora_b, expert_ids, gates, scaling, acc_dtype=acc, keep_acc=True)
     if out is None:
@@ -696,19 +812,100 @@ def routed_lora_add_cpu(out, x, lora_a, lora_b, expert_ids, gates, scaling):
     _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out)
 
 
-def routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
-    """CPU kernel of the backward: the dense masked form where the forward would run dense,
-    else the per-expert loop (only routed work; the host sync is free on CPU).
+def _dense_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, acc):
+    """The dense masked backward with the fewest ops, for CPU tensors; None when a gradient is not
+    finite (the caller then runs the isolated form).
 
-    The dense form is isolated by itself, with no host sync (``routed_lora_backward_dense``:
-    non-finite x / dy / A entries are zeroed in its GEMMs and NaN is set where the per-expert form
-    is non-finite), so CPU tensors run exactly the code that CUDA tensors run (float64, or the
-    dense regime of the Triton path): no check of the result, no fallback."""
+    With G the gates on the rank columns (``_gate_matrix``), H = x A_cat^T and U_s = dy_s B_cat_s
+    (all slices side by side, ``[T, sum_s E r_s]``): dx = (U G) A_cat, dA_cat = (U G)^T x,
+    dB_s = dy_s^T (H G)_s, d_gates[t, j] = scaling * sum over the columns of expert ids[t, j] of
+    U H. Every fp32 result is written into one workspace, so one reduction checks them all: as in
+    the forward, an inf / NaN anywhere in the inputs makes it non-finite (0 * inf), so a finite
+    result equals the masked (isolated) one."""
+    need_x, need_a, need_b, need_g = needs
+    T, d_in = x.shape
+    E = lora_a[0].shape[0]
+    ranks = tuple(a.shape[1] for a in lora_a)
+    d_outs = [b.shape[1] for b in lora_b]
+    R = E * sum(ranks)
+    dev = x.device
+    sizes = [T * d_in if need_x else 0, R * d_in if need_a else 0,
+             E * sum(r * n for r, n in zip(ranks, d_outs)) if need_b else 0, T * E if need_g else 0]
+    ws = torch.empty(sum(sizes), dtype=acc, device=dev)
+    gx, ga, gb, gg = torch.split(ws, sizes)
+    gm, idx = _gate_matrix(expert_ids, gates, E, scaling, acc)
+    gcols = gm.index_select(1, _column_experts(E, ranks, dev))
+    xf = x.to(acc)
+    a_all = _packed_a(lora_a, acc) if (need_x or need_b or need_g) else None
+    h = torch.mm(xf, a_all.t()) if (need_b or need_g) else None
+    dyf = grad_y.to(acc)
+    cols = [E * r for r in ranks]
+    dys = torch.split(dyf, d_outs, 1)
+    u = None
+    if need_x or need_a or need_g:
+        u = torch.empty(T, R, dtype=acc, device=dev)
+        for dy, us, b in zip(dys, torch.split(u, cols, 1), lora_b):
+            torch.mm(dy, _packed_b(b, acc), out=us)
+    if need_g:
+        uh = u * h
+        dg = gg.view(T, E)
+        if len(set(ranks)) == 1:
+            torch.sum(uh.view(T, len(ranks), E, ranks[0]), dim=(1, 3), out=dg)
+        else:
+            dg.zero_()
+            for part, r in zip(torch.split(uh, cols, 1), ranks):
+                dg += part.view(T, E, r).sum(-1)
+    if need_x or need_a:
+        du = u.mul_(gcols)
+        if need_x:
+            torch.mm(du, a_all, out=gx.view(T, d_in))
+        if need_a:
+            torch.mm(du.t(), xf, out=ga.view(R, d_in))
+    b_sizes = [c * n for c, n in zip(cols, d_outs)]
+    if need_b:  # dB_s as B_cat's [n, E * r]
+        hg = h.mul_(gcols)
+        for hs, dy, part, n in zip(torch.split(hg, cols, 1), dys, torch.split(gb, b_sizes), d_outs):
+            torch.mm(dy.t(), hs, out=part.view(n, -1))
+    if ws.numel() and not math.isfinite(ws.sum().item()):
+        return None
+    # Copies: the gradients never share memory.
+    out_a = [part.view(a.shape).to(a.dtype, copy=True)
+             for part, a in zip(torch.split(ga, [c * d_in for c in cols]), lora_a)] if need_a else []
+    out_b = [part.view(n, E, r).permute(1, 0, 2).to(b.dtype, memory_format=torch.contiguous_format,
+                                                    copy=True)
+             for part, b, r, n in zip(torch.split(gb, b_sizes), lora_b, ranks, d_outs)] if need_b else []
+    if need_g:
+        gsel = torch.cat([gg.view(T, E), gg.new_zeros(T, 1)], 1).gather(1, idx)
+        gsel = gsel.mul_(scaling) if scaling != 1.0 else gsel
+    return (gx.view(T, d_in).to(x.dtype, copy=True) if need_x else x.new_empty(0),
+            out_a if need_a else [a.new_empty(0) for a in lora_a],
+            out_b if need_b else [b.new_empty(0) for b in lora_b],
+            gsel.to(gates.dtype) if need_g else gates.new_empty(0))
+
+
+def routed_lora_backward_cpu(grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs=None):
+    """CPU kernel of the backward: the dense masked form where it is cheaper, else the per-expert
+    loop (only routed work; the host sync is free on CPU).
+
+    CPU tensors: ``dense_cheaper_cpu`` picks; the dense form is ``_dense_backward_cpu`` (fewest
+    ops, its result checked for non-finite values by one reduction), and where that finds one the
+    isolated ``routed_lora_backward_dense``. Other devices (CUDA tensors: float64, the dense regime
+    of the Triton path, or LORAMIX_BACKEND=reference): the dense form where the Triton path would
+    run dense, ``routed_lora_backward_dense``, isolated by itself with no host sync (non-finite
+    x / dy / A entries are zeroed in its GEMMs and NaN is set where the per-expert form is
+    non-finite); no check of the result, no fallback."""
     needs = _needs(needs)
     E, k = lora_a[0].shape[0], expert_ids.shape[1]
-    args = (grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, _acc_dtype(x))
+    acc = _acc_dtype(x)
+    args = (grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, needs, acc)
+    if x.device.type == "cpu":
+        T, d_in = x.shape
+        if T and d_in and k and _dense_on_device(x, lora_a, lora_b, k, backward=True):
+            got = _dense_backward_cpu(*args) if any(needs) else None
+            return got if got is not None else routed_lora_backward_dense(*args)
+        return routed_lora_backward_ref(*args)
     dense = choose_strategy(E, [a.shape[1] for a in lora_a], k) != "expert_sorted"
-    if dense or (x.device.type != "cpu" and _backend.deterministic()):  # no index_add_ atomics
+    if dense or _backend.deterministic():  # no index_add_ atomics
         return routed_lora_backward_dense(*args)
     return routed_lora_backward_ref(*args)
 
