@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import loramix_kernels.ops.routing  # noqa: F401  (registers torch.ops.loramix.route_topk)
 from loramix_kernels.ops.routing import MAX_EXPERTS, _tiles, route_topk
-from loramix_kernels.reference.routing import route_topk_cpu, route_topk_ref
+from loramix_kernels.reference.routing import route_topk_keyed, route_topk_ref
 
 from tests.common import TOL, backends, reference_path, requires_triton, strided, triton_path
 
@@ -115,15 +115,29 @@ def test_ties_go_to_lower_index(backend, device, ctx):
     torch.testing.assert_close(g4[1].cpu(), torch.full((4,), 0.25))
 
 
-def test_cpu_kernel_tie_rule_is_the_references():
-    """route_topk_cpu's integer key against the stable sort, on many tied rows (grid logits)."""
+@pytest.mark.parametrize("kernel", ["keyed", "native"])
+def test_cpu_kernel_tie_rule_is_the_references(kernel):
+    """The CPU kernels (route_topk_keyed's integer key; the native one-pass selection) against
+    the stable sort, on many tied rows (grid logits), with a row of -inf logits and a NaN logit
+    (NaN probabilities rank below every real one, in index order)."""
+    from loramix_kernels import _native
+    from loramix_kernels.ops.routing import route_topk_cpu
+
+    if kernel == "native" and not _native.has_op("_route_topk_cpu"):
+        pytest.skip("C++ extension not built")
+    fn = route_topk_keyed if kernel == "keyed" else route_topk_cpu
     for E, k in [(1, 1), (6, 3), (64, 8), (256, 256), (256, 7)]:
         x = grid_logits(50, E, torch.float32, E + k, spread=4)
-        for r in (False, True):
-            a, b = route_topk_cpu(x, k, r), route_topk_ref(x, k, r)
-            assert torch.equal(a[1], b[1])
-            torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
-            torch.testing.assert_close(a[2], b[2], atol=0, rtol=0)
+        x[3] = -float("inf")
+        x[7, E // 2] = float("nan")
+        for xx in (x, x.t().contiguous().t(), x.to(torch.bfloat16)):
+            for r in (False, True):
+                a, b = fn(xx, k, r), route_topk_ref(xx, k, r)
+                assert torch.equal(a[1], b[1])
+                # renormalised gates: the sum of k floats may be taken in another order (1 ulp)
+                tol = dict(atol=0, rtol=2.4e-7) if r else dict(atol=0, rtol=0)
+                torch.testing.assert_close(a[0], b[0], equal_nan=True, **tol)
+                torch.testing.assert_close(a[2], b[2], atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's NaN row

@@ -1,17 +1,19 @@
 """The router of a mixture of LoRA experts: ``route_topk`` (fused softmax + top-k).
 
 ``validate_route_topk``, the launcher ``route_topk_triton`` (tiles, launch of
-``kernels/routing.py``), the registration (``ops/_registry.py``; CPU kernel: ``route_topk_cpu`` in
-``reference/routing.py``), the autograd rule and the public function.
+``kernels/routing.py``), the CPU kernel ``route_topk_cpu`` (native C++ when built, else
+``route_topk_keyed`` in ``reference/routing.py``), the registration (``ops/_registry.py``), the
+autograd rule and the public function.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _native
 from .._checks import FLOAT_DTYPES, check, check_tensor
 from .._tiles import cdiv, next_pow2
-from ..reference.routing import (compute_dtype, route_topk_backward_ref, route_topk_cpu,
+from ..reference.routing import (compute_dtype, route_topk_backward_ref, route_topk_keyed,
                                  route_topk_ref)
 from ._registry import register_op
 
@@ -21,7 +23,7 @@ _OP = "route_topk"
 MAX_EXPERTS = 1024
 
 __all__ = ["route_topk", "validate_route_topk", "route_topk_triton", "route_topk_ref",
-           "route_topk_cpu", "MAX_EXPERTS"]
+           "route_topk_cpu", "route_topk_keyed", "MAX_EXPERTS"]
 
 
 def validate_route_topk(logits, k, renormalize):
@@ -70,6 +72,15 @@ def route_topk_triton(logits, k, renormalize):
         num_warps=num_warps,
     )
     return gates, ids, probs
+
+
+def route_topk_cpu(logits, k, renormalize):
+    """CPU kernel: native (``csrc/routing.cpp``: the same fp32 softmax, then one pass per row
+    with the tie rule) when built; else ``route_topk_keyed`` (softmax, a unique integer key,
+    ``torch.topk``). fp64 logits (gradcheck) take the reference."""
+    if logits.dtype != torch.float64 and _native.runs_on(logits, "_route_topk_cpu"):
+        return torch.ops.loramix._route_topk_cpu(logits, k, renormalize)
+    return route_topk_keyed(logits, k, renormalize)
 
 
 def _route_topk_fake(info, logits, k, renormalize):

@@ -34,8 +34,9 @@ def route_topk_ref(logits: torch.Tensor, k: int, renormalize: bool):
     return gates, order.to(torch.int32), probs
 
 
-def route_topk_cpu(logits: torch.Tensor, k: int, renormalize: bool):
-    """CPU kernel: ``torch.topk`` over a key with no ties, so its order is fully determined.
+def route_topk_keyed(logits: torch.Tensor, k: int, renormalize: bool):
+    """CPU kernel without the native extension: ``torch.topk`` over a key with no ties, so its
+    order is fully determined.
 
     For probabilities p >= 0 the IEEE bit pattern of fp32 p, read as an int32, grows with p; the
     int64 key ``bits(p) * 2^32 + (E - 1 - index)`` is therefore unique per row and orders by
