@@ -388,7 +388,8 @@ def run(args) -> dict:
         "mirror_steps": mirror.steps,
         "plain_steps": plain.steps + 1,
         "overlap": {
-            "mode": "cuda stream" if device.type == "cuda" else "worker thread",
+            "mode": ("cuda stream" if device.type == "cuda" else
+                     "worker process" if eng._use_process else "worker thread"),
             "with_overlap_s": mirror.elapsed_s,
             "without_overlap_s": mirror_seq.elapsed_s,
             "gain": mirror_seq.elapsed_s / mirror.elapsed_s,
@@ -509,7 +510,7 @@ def main(argv=None):
                     help="override the tokens generated per prompt")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads on CPU (default 1: tiny matrices gain nothing from "
-                         "more, the draft's worker thread takes another core, and spinning threads "
+                         "more, the draft's worker process takes another core, and spinning threads "
                          "collapse on a shared machine); 0 keeps torch's default")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved repeats of each engine measurement, best one kept (default 2; "

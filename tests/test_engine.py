@@ -8,6 +8,8 @@ kernels under the interpreter (the conftest's switch)."""
 
 import contextlib
 
+import multiprocessing
+
 import pytest
 import torch
 
@@ -135,14 +137,45 @@ def test_branch_reuse_hits_and_misses_accept_like_fresh_drafts():
     assert fresh.tokens == plain.tokens and fresh.reuse_hits == 0
     rates = []
     for kappa in (V - 2, 1):
-        for overlap in (True, False):
+        for overlap in (True, "thread", False):  # CPU: worker process, thread, in line
             r = Engine(m, kappa=kappa, overlap=overlap, **kw).generate(prompts, n, mode="mirror")
             assert r.tokens == plain.tokens
             assert r.accepted_per_step == fresh.accepted_per_step
             rates.append(r.branch_reuse_rate)
-    assert rates[0] == rates[1] and rates[2] == rates[3]
-    assert rates[0] > 0.5 and rates[0] > rates[2]
-    assert 0 < rates[0] < 1 or rates[2] < 1  # both the reuse and the fresh-rollout paths ran
+    assert rates[0] == rates[1] == rates[2] and rates[3] == rates[4] == rates[5]
+    assert rates[0] > 0.5 and rates[0] > rates[3]
+    assert 0 < rates[0] < 1 or rates[3] < 1  # both the reuse and the fresh-rollout paths ran
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
+def test_draft_worker_process_lifecycle():
+    """CPU overlap runs the branch rollouts in one forked worker per engine, started by the first
+    Mirror-SD call and reused; close() stops it and the next call starts a new one; a worker that
+    dies is reported (RuntimeError naming it) and replaced on the next call; the outputs equal
+    plain greedy decoding throughout."""
+    m = tiny_llama()
+    n = 16
+    kw = dict(max_batch=3, max_len=64, block_size=8, chain_len=3, draft_layers=1, kappa=2)
+    plain = Engine(m, **kw).generate(PROMPTS, n, mode="plain")
+    eng = Engine(m, overlap=True, **kw)
+    assert eng._use_process and eng._worker is None
+    eng.generate(PROMPTS, n, mode="plain")
+    assert eng._worker is None  # plain decoding needs no draft worker
+    first = eng.generate(PROMPTS, n, mode="mirror")
+    proc = eng._worker.proc
+    assert proc.is_alive() and first.tokens == plain.tokens and first.draft_rollout_s > 0
+    assert eng.generate(PROMPTS, n, mode="mirror").tokens == plain.tokens
+    assert eng._worker.proc is proc  # one worker per engine
+    eng.close()
+    assert eng._worker is None and not proc.is_alive()
+    assert eng.generate(PROMPTS, n, mode="mirror").tokens == plain.tokens  # a new worker
+    eng._worker.proc.kill()
+    eng._worker.proc.join()
+    with pytest.raises(RuntimeError, match="draft worker process died"):
+        eng.generate(PROMPTS, n, mode="mirror")
+    assert eng._worker is None
+    assert eng.generate(PROMPTS, n, mode="mirror").tokens == plain.tokens
+    eng.close()
 
 
 def test_mirror_with_lora_mixer_layers_matches_transformers():

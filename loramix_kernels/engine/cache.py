@@ -3,7 +3,19 @@ a free list of physical blocks, and per-request block tables."""
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
+
+
+def shared_zeros(shape, dtype) -> torch.Tensor:
+    """A zero CPU tensor in anonymous shared memory (``mmap``, MAP_SHARED): a process forked after
+    its creation reads and writes the same memory (unlike torch's ``share_memory_()`` it needs no
+    /dev/shm space)."""
+    n = math.prod(shape)
+    buf = mmap.mmap(-1, max(1, n * torch.empty((), dtype=dtype).element_size()))
+    return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)
 
 
 class PagedKVCache:
@@ -14,13 +26,18 @@ class PagedKVCache:
     ``i`` (positions ``i * block_size ..``) to a physical block; unused entries are ``-1``.
     ``lens[b]`` (host ints) is the number of committed (cached, verified) positions of request b.
     Blocks are taken from the free list on demand (:meth:`reserve`) and returned by :meth:`free`.
+    ``shared=True`` (CPU) puts ``k`` / ``v`` in anonymous shared memory, for a forked worker
+    process (the engine's draft worker) to read and write.
     """
 
     def __init__(self, num_layers, num_kv_heads, head_dim, *, num_blocks, block_size, max_batch,
-                 max_blocks_per_seq, dtype=torch.float32, device="cpu"):
+                 max_blocks_per_seq, dtype=torch.float32, device="cpu", shared=False):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if shared and torch.device(device).type == "cpu":
+            self.k, self.v = shared_zeros(shape, dtype), shared_zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = max_blocks_per_seq

@@ -3,6 +3,7 @@ paged KV cache, on a transformers Llama model (LoRA-Mixer layers included)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _ops
-from .cache import PagedKVCache
+from .cache import PagedKVCache, shared_zeros
 from .model import LlamaRunner, OpTimer
 
 
@@ -81,7 +82,7 @@ class Engine:
       hidden state, shared head) gives ``kappa`` candidates for the correction / bonus token at the
       deepest ``num_anchors`` chain nodes (default all, root included; tokens equal to a drafted
       child are skipped: a correction never equals a child's token). For each (anchor node, candidate) the draft rolls out the next
-      window, in a worker thread (a second CUDA stream on GPU) while the target runs its remaining
+      window, in a forked worker process on CPU (a second CUDA stream on GPU) while the target runs its remaining
       layers (``overlap=True``);
     * ``verify_greedy`` / ``verify_sampling`` accept a path, ``compact_kv_layers_`` moves its K/V in
       every layer at once, and ``match_branch`` picks the precomputed branch whose anchor is the
@@ -97,7 +98,7 @@ class Engine:
 
     def __init__(self, model, *, draft_layers: int = 1, chain_len: int = 4, siblings: bool = True,
                  kappa: int = 2, block_size: int = 16, max_len: int = 1024, max_batch: int = 8,
-                 num_blocks: int | None = None, overlap: bool = True, reuse: bool = True,
+                 num_blocks: int | None = None, overlap: bool | str = True, reuse: bool = True,
                  num_anchors: int | None = None, timer: OpTimer | None = None):
         self.model = model
         self.runner = LlamaRunner(model, timer)
@@ -117,7 +118,14 @@ class Engine:
         self.kappa = kappa
         self.block_size = block_size
         self.max_batch = max_batch
-        self.overlap = overlap
+        if overlap not in (True, False, "process", "thread"):
+            raise ValueError(f"Engine: overlap must be True, False, 'process' or 'thread', got {overlap!r}")
+        # CPU: the branch rollouts run in a forked worker process (True / "process"; a thread
+        # gains nothing there: both sides hold the GIL most of the time), or a thread ("thread",
+        # and where fork does not exist). CUDA: a second stream.
+        self._use_process = (self.device.type == "cpu" and overlap in (True, "process")
+                             and "fork" in multiprocessing.get_all_start_methods())
+        self.overlap = bool(overlap)
         self.reuse = reuse
         max_blocks = -(-(max_len + 4 * chain_len + 8) // block_size)
         self._setup_tree()
@@ -129,7 +137,9 @@ class Engine:
             num_blocks = max_batch * (max_blocks + self.num_branches * self.branch_blocks)
         self.cache = PagedKVCache(r.num_layers, r.num_kv_heads, r.head_dim, num_blocks=num_blocks,
                                   block_size=block_size, max_batch=max_batch,
-                                  max_blocks_per_seq=max_blocks, dtype=self.dtype, device=self.device)
+                                  max_blocks_per_seq=max_blocks, dtype=self.dtype, device=self.device,
+                                  shared=self._use_process)
+        self._worker = None  # the draft worker process, started by the first Mirror-SD generate
         self._priv = torch.tensor(
             self.cache.alloc_blocks(max_batch * self.num_branches * self.branch_blocks),
             dtype=torch.int32, device=self.device).view(max_batch * self.num_branches, self.branch_blocks)
@@ -242,6 +252,20 @@ class Engine:
         return self._pick(logits, sp, gen)
 
     # ------------------------------------------------------------------ public
+    def close(self) -> None:
+        """Stop the draft worker process, if one runs (CPU, ``overlap=True``). The next Mirror-SD
+        ``generate`` starts a new one: call this after changing the model's weights, since the
+        worker computes with the weights it saw when it started."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, mode: str = "mirror",
                  sampling: SamplingParams | None = None) -> GenerationResult:
@@ -261,7 +285,13 @@ class Engine:
         if mode == "plain":
             self._plain(y, out, max_new_tokens, sp, gen, res)
         else:
-            self._mirror(y, out, max_new_tokens, sp, res, t0)
+            if self._use_process and self.reuse and self._worker is None:
+                self._worker = _DraftWorker(self)
+            try:
+                self._mirror(y, out, max_new_tokens, sp, res, t0)
+            except _WorkerFailed:
+                self.close()  # the next call starts a fresh worker
+                raise
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         res.elapsed_s = time.perf_counter() - t0
@@ -409,7 +439,9 @@ class Engine:
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(dev))
             worker = None
-            if use_branches and self.overlap:
+            if use_branches and self._worker is not None:
+                self._worker.submit(S, table, branch_token)
+            elif use_branches and self.overlap:
                 worker = threading.Thread(target=self._branch_work,
                                           args=(S, table, branch_token, result))
                 worker.start()
@@ -428,6 +460,10 @@ class Engine:
             if worker is not None:
                 tw = time.perf_counter()
                 worker.join()
+                res.draft_wait_s += time.perf_counter() - tw
+            elif use_branches and self._worker is not None:
+                tw = time.perf_counter()
+                result["rollout"], result["time"] = self._worker.result(B)
                 res.draft_wait_s += time.perf_counter() - tw
             if "error" in result:
                 raise result["error"]
@@ -487,3 +523,100 @@ class Engine:
                 S_all[rows] = S
                 tokens_all = tokens_all.clone()
                 tokens_all[rows] = new_tokens
+
+
+class _WorkerFailed(RuntimeError):
+    """The draft worker process died or raised (the engine stops it; the next call starts anew)."""
+
+
+class _DraftWorker:
+    """Mirror-SD's branch rollouts in a forked worker process, concurrently with the target's
+    suffix layers in this one: the CPU counterpart of the second CUDA stream (two threads would
+    take turns holding the GIL, which small-tensor PyTorch code holds most of the time).
+
+    The fork shares the model's weights copy-on-write (read only: the worker is a snapshot of the
+    weights at its start; :meth:`Engine.close` after changing them) and the KV cache, which the
+    engine allocated in anonymous shared memory. Per step the engine writes the job (prefix
+    lengths, block-table rows, branch tokens) into shared tensors and sends one message; the worker
+    copies the anchors' paths into the branches' private blocks of the draft layers, rolls the
+    branches out (``Engine._branch_tables`` / ``Engine._rollout``, the code a thread would run)
+    and writes the chains back. The target's suffix layers touch only layers >= draft_layers and
+    the worker only the branches' private blocks of layers < draft_layers, so nothing races.
+    """
+
+    def __init__(self, engine):
+        B, M, L = engine.max_batch, engine.num_branches, engine.chain_len
+        width = engine.cache.block_table.shape[1]
+        self.S = shared_zeros((B,), torch.long)
+        self.table = shared_zeros((B, width), torch.int32)
+        self.tokens = shared_zeros((B, M), torch.long)
+        self.chain = shared_zeros((B * M, L), torch.long)
+        self.sib = shared_zeros((B * M, L), torch.long)
+        self.num_branches = M
+        ctx = multiprocessing.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_draft_worker_main, args=(engine, child, self), daemon=True,
+                                name="loramix-draft")
+        self.proc.start()
+        child.close()
+
+    def submit(self, S, table, tokens):
+        B = S.shape[0]
+        self.S[:B].copy_(S)
+        self.table[:B].copy_(table)
+        self.tokens[:B].copy_(tokens)
+        try:
+            self.conn.send(B)
+        except OSError as e:  # BrokenPipeError: the worker is gone
+            raise self._died() from e
+
+    def _died(self):
+        self.proc.join(timeout=1)
+        return _WorkerFailed(f"Engine: the draft worker process died (exit code {self.proc.exitcode}); "
+                             "overlap='thread' avoids the process")
+
+    def result(self, B):
+        """(chain, sib) ``[B * M, chain_len]`` of the submitted job, and the worker's seconds."""
+        try:
+            status, payload = self.conn.recv()
+        except (EOFError, OSError) as e:
+            raise self._died() from e
+        if status != "ok":
+            raise _WorkerFailed(f"Engine: the draft worker process failed: {payload}")
+        R = B * self.num_branches
+        return (self.chain[:R].clone(), self.sib[:R].clone()), payload
+
+    def close(self):
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(timeout=5)
+            if self.proc.is_alive():
+                self.proc.terminate()
+        self.conn.close()
+
+
+def _draft_worker_main(engine, conn, job):
+    """The worker's loop (in the forked process): one job per message, None to stop."""
+    torch.set_num_threads(1)  # one core each; also keeps OpenMP from starting a pool after fork
+    while True:
+        try:
+            B = conn.recv()
+        except (EOFError, OSError):
+            break
+        if B is None:
+            break
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                bt, start = engine._branch_tables(job.S[:B].clone(), job.table[:B].clone())
+                chain, sib = engine._rollout(bt, start, job.tokens[:B].reshape(-1))
+            R = chain.shape[0]
+            job.chain[:R].copy_(chain)
+            job.sib[:R].copy_(sib)
+            conn.send(("ok", time.perf_counter() - t0))
+        except BaseException as e:  # reported to the engine, which raises it
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    conn.close()
