@@ -164,14 +164,18 @@ def load() -> ModuleType | None:
 
 
 @functools.lru_cache(maxsize=None)
-def has_op(name: str) -> bool:
-    """Whether the loaded native module registered ``torch.ops.loramix.<name>`` (a private CPU op
-    of ``csrc/``); False without the module, or with a stale one built before that op existed."""
+def op(name: str):
+    """``torch.ops.loramix.<name>.default``, a private CPU op of ``csrc/`` registered by the loaded
+    native module; None without the module, or with a stale one built before that op existed."""
     try:
-        getattr(torch.ops.loramix, name)
+        return getattr(torch.ops.loramix, name).default
     except (AttributeError, RuntimeError):
-        return False
-    return True
+        return None
+
+
+def has_op(name: str) -> bool:
+    """Whether the native op ``name`` is there (see :func:`op`)."""
+    return op(name) is not None
 
 
 def runs_on(t: torch.Tensor, name: str) -> bool:

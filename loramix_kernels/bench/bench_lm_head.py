@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import loramix_kernels  # noqa: F401
+from loramix_kernels.bench.runner import cpu_kernel
 from loramix_kernels.ops.lm_head import lm_head_topk
 from loramix_kernels.reference.lm_head import lm_head_topk_chunked, lm_head_topk_torch
 
@@ -55,11 +56,13 @@ def make_inputs(case, device):
 
 def candidates(case, inputs):
     h, w, k = inputs["hidden"], inputs["weight"], case["k"]
-    return {
+    out = {
         "loramix": lambda: lm_head_topk(h, w, k),
         "torch": lambda: lm_head_topk_torch(h, w, k),
         "chunked": lambda: lm_head_topk_chunked(h, w, k),
+        "cpu_kernel": cpu_kernel("lm_head_topk", h, w, k),
     }
+    return {name: f for name, f in out.items() if f is not None}
 
 
 def traffic_bytes(case):

@@ -70,7 +70,10 @@ MAX_ROUNDS = 100_000
 
 COLUMNS = """\
 columns (one row per implementation of a case; a case starts with its [i/n] progress line):
-  impl      the implementation: "loramix" (ours) first, then the suite's baselines
+  impl      the implementation: "loramix" (ours) first, then the suite's baselines; on CPU
+            "cpu_kernel" is the op's CPU kernel called directly (no dispatch, no validation):
+            loramix's speedup over it (< 1) is the per-call host overhead, and the baselines'
+            times against its time compare the kernels alone
   speedup   loramix's speedup over this implementation, measured in the same run: its time /
             loramix's time (CPU: median of the per-round ratios; CUDA: ratio of the medians);
             > 1: loramix is faster. The headline figure: on CPU absolute times depend on the
@@ -482,3 +485,17 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def cpu_kernel(name, *args):
+    """A candidate calling op ``name``'s CPU kernel directly (``OPS[name].cpu``: no dispatcher, no
+    validation), or None where the op would not run it (CUDA tensors, the interpreter switch).
+    Next to the op's own row it measures the per-call host overhead."""
+    from .. import _backend
+    from ..ops._registry import OPS
+
+    t = next(a for a in args if isinstance(a, torch.Tensor))
+    if t.device.type != "cpu" or _backend.use_triton(t):
+        return None
+    kernel = OPS[name].cpu
+    return lambda: kernel(*args)

@@ -31,8 +31,8 @@ def _compact_cpu(op, ref, k_cache, v_cache, block_table, seq_lens, accept_index,
     moves of every layer) when built, else the vectorised gather-then-scatter ``ref``."""
     if not _native.runs_on(accept_index, "_compact_kv_cpu"):
         return ref(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
-    if not torch.ops.loramix._compact_kv_cpu(k_cache, v_cache, block_table, seq_lens, accept_index,
-                                             accept_len, _backend.check_values(accept_index)):
+    if not _native.op("_compact_kv_cpu")(k_cache, v_cache, block_table, seq_lens, accept_index,
+                                         accept_len, _backend.check_values(accept_index)):
         _check_compact_values(op, block_table, seq_lens, accept_index, accept_len,
                               *k_cache.shape[-4:-2])
         _native_disagrees(op)
@@ -305,8 +305,8 @@ def kv_write_cpu(k_cache, v_cache, k, v, slot_mapping):
     else ``kv_write_ref_`` (one vectorised index_put per cache)."""
     if not _native.runs_on(slot_mapping, "_kv_write_cpu"):
         return kv_write_ref_(k_cache, v_cache, k, v, slot_mapping)
-    if not torch.ops.loramix._kv_write_cpu(k_cache, v_cache, k, v, slot_mapping,
-                                           _backend.check_values(slot_mapping)):
+    if not _native.op("_kv_write_cpu")(k_cache, v_cache, k, v, slot_mapping,
+                                       _backend.check_values(slot_mapping)):
         _check_kv_write_values(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
         _native_disagrees(_OP_WRITE)
 

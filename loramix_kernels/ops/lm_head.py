@@ -113,7 +113,7 @@ def lm_head_topk_cpu(hidden, weight, k):
     one pass per row keeping its k best under the tie rule) when built and ``k <=
     NATIVE_MAX_K``; else ``lm_head_topk_chunked`` (torch.topk, a tie check, stable re-sorts)."""
     if k <= NATIVE_MAX_K and hidden.device.type == "cpu" and _native.has_op("_lm_head_topk_cpu"):
-        return torch.ops.loramix._lm_head_topk_cpu(hidden, weight, k)
+        return _native.op("_lm_head_topk_cpu")(hidden, weight, k)
     return lm_head_topk_chunked(hidden, weight, k)
 
 

@@ -951,7 +951,7 @@ def _fake_backward(info, grad_y, x, lora_a, lora_b, expert_ids, gates, scaling, 
             gates.new_empty(gates.shape if need_g else (0,)))
 
 
-register_op(
+_ROUTED_LORA = register_op(
     "routed_lora", f"({_ARGS}) -> Tensor",
     validate=validate_routed_lora, triton=routed_lora_triton, cpu=routed_lora_cpu,
     fake=_fake_forward, backward=_backward, setup_context=_setup_context,
@@ -1031,7 +1031,7 @@ def routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
     >>> routed_lora(x, A, B, ids, g, 0.5).shape
     torch.Size([5, 32])
     """
-    return torch.ops.loramix.routed_lora(x, list(lora_a), list(lora_b), expert_ids, gates, float(scaling))
+    return _ROUTED_LORA(x, list(lora_a), list(lora_b), expert_ids, gates, float(scaling))
 
 
 def routed_lora_add_(out, x, lora_a, lora_b, expert_ids, gates, scaling=1.0):

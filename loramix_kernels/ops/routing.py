@@ -79,7 +79,7 @@ def route_topk_cpu(logits, k, renormalize):
     with the tie rule) when built; else ``route_topk_keyed`` (softmax, a unique integer key,
     ``torch.topk``). fp64 logits (gradcheck) take the reference."""
     if logits.dtype != torch.float64 and _native.runs_on(logits, "_route_topk_cpu"):
-        return torch.ops.loramix._route_topk_cpu(logits, k, renormalize)
+        return _native.op("_route_topk_cpu")(logits, k, renormalize)
     return route_topk_keyed(logits, k, renormalize)
 
 
@@ -104,7 +104,7 @@ def _backward(ctx, grad_gates, grad_ids, grad_probs):
     return d.to(ctx.logits_dtype), None, None
 
 
-register_op(
+_ROUTE_TOPK = register_op(
     "route_topk",
     "(Tensor logits, int k, bool renormalize) -> (Tensor gates, Tensor expert_ids, Tensor probs)",
     validate=validate_route_topk,
@@ -167,4 +167,4 @@ def route_topk(logits, k, renormalize=False):
     >>> round(probs.sum().item(), 6)
     1.0
     """
-    return torch.ops.loramix.route_topk(logits, k, renormalize)
+    return _ROUTE_TOPK(logits, k, renormalize)

@@ -39,7 +39,7 @@ from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, che
 from .._tiles import cdiv
 from ..reference.sharding import (acc_dtype, expand_backward, expand_dense, routed_lora_expand_ref,
                                   routed_lora_shrink_ref, shrink_backward, shrink_dense)
-from ._registry import register_op
+from ._registry import OPS, register_op
 from .routed_lora import (_groups, choose_strategy, decode_shares, kernel_numerics, slice_kwargs,
                           sort_pairs, sorted_block_m, sorted_meta_kwargs)
 
@@ -363,7 +363,7 @@ def routed_lora_shrink(x, lora_a, expert_ids):
     >>> h.shape, h.dtype, h[0, 1, 1].abs().sum().item(), h[0, 0, 0, 2].item()
     (torch.Size([2, 3, 2, 3]), torch.float32, 0.0, 0.0)
     """
-    return torch.ops.loramix.routed_lora_shrink(x, list(lora_a), expert_ids)
+    return OPS["routed_lora_shrink"](x, list(lora_a), expert_ids)
 
 
 def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
@@ -405,4 +405,4 @@ def routed_lora_expand(h, lora_b, expert_ids, gates, scaling=1.0):
     >>> torch.allclose(y, routed_lora(x, A, B, ids, g, 0.5), atol=1e-5)
     True
     """
-    return torch.ops.loramix.routed_lora_expand(h, list(lora_b), expert_ids, gates, float(scaling))
+    return OPS["routed_lora_expand"](h, list(lora_b), expert_ids, gates, float(scaling))

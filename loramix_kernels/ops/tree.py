@@ -356,7 +356,7 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     num_blocks, bs, Hkv, _ = k_cache.shape
     scale = default_scale(D) if sm_scale is None else float(sm_scale)
     if _native.has_op("_tree_attention_cpu"):  # the same maths in one native walk (csrc/tree.cpp)
-        out, status = torch.ops.loramix._tree_attention_cpu(
+        out, status = _native.op("_tree_attention_cpu")(
             q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale, _FOLD_MAX_ROWS,
             _backend.check_values(seq_lens) and B > 0)
         if status == 0:
