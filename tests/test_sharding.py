@@ -5,6 +5,8 @@ float64), bad inputs. The generic opcheck / compile / strided-view tests come fr
 tests/test_contract.py through ``sample_inputs``.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from loramix_kernels.ops.sharding import routed_lora_expand, routed_lora_expand_
 from loramix_kernels.reference.sharding import (expand_dense, routed_lora_expand_ref,
                                                 routed_lora_shrink_ref, shrink_dense)
 from tests.common import (TRITON_DEVICE, assert_close, backends, requires_triton, strided,
-                          triton_path)
+                          triton_path, value_checks_off)
 
 
 def oracle_shrink(x, lora_a, ids):
@@ -173,6 +175,58 @@ def test_expand_isolation_cpu():
     B[0][3, 0, 0] = float("inf")
     y = routed_lora_expand(routed_lora_shrink(x, A, ids), B, ids, g)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("form", ["gathered", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("checked", [True, False])
+@settings(max_examples=8, deadline=None)
+@given(T=st.sampled_from([1, 2, 7]), d_in=st.integers(1, 24),
+       rn=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 20)), min_size=1, max_size=3),
+       E=st.integers(1, 12), k=st.integers(1, 4), idx_dtype=st.sampled_from([torch.int32, torch.int64]),
+       seed=st.integers(0, 99))
+def test_cpu_forms_match_reference(form, dtype, checked, T, d_in, rn, E, k, idx_dtype, seed):
+    """Both CPU formulations (the gathered per-slot one for decode, the dense one for prefill),
+    called directly whatever the size would pick, against the per-slot reference: -1 padding
+    slots, strided inputs, unequal ranks, int32 / int64 ids; ``checked=False``: unvalidated ids
+    (out of range, as on CUDA) count as empty slots."""
+    ranks, d_outs = [r for r, _ in rn], [n for _, n in rn]
+    k = min(k, E)
+    x, A, B, ids, g = make_case(T, d_in, ranks, d_outs, E, k, dtype, seed=seed, idx_dtype=idx_dtype)
+    if not checked:
+        ids = ids.clone()
+        ids[0, 0] = E + 3
+        ids[-1, -1] = -5
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    shrink = sh._shrink_gathered if form == "gathered" else sh._shrink_dense_cpu
+    expand = sh._expand_gathered if form == "gathered" else sh._expand_dense_cpu
+    xs, As, Bs, idss, gs = strided(x), strided(A), strided(B), strided(ids), strided(g)
+    with (contextlib.nullcontext() if checked else value_checks_off()):
+        h = shrink(xs, As, idss, acc)
+        y = expand(strided(h), Bs, idss, gs, 0.7, acc)
+    h_ref = routed_lora_shrink_ref(x, A, ids)
+    assert h.dtype == h_ref.dtype and h.shape == h_ref.shape
+    torch.testing.assert_close(h, h_ref, atol=1e-5 if acc == torch.float32 else 1e-12, rtol=1e-5)
+    torch.testing.assert_close(y, routed_lora_expand_ref(h_ref, B, ids, g, 0.7),
+                               atol=1e-5 if acc == torch.float32 else 1e-12, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 9])  # the gathered (T * k < E) and the dense CPU form
+def test_cpu_forms_isolation_and_nan_gates(T):
+    """An unused expert's inf in A or B, and a NaN gate on an empty slot, reach no token."""
+    x, A, B, ids, g = make_case(T, 8, [2], [5], 6, 1, torch.float32, empty_frac=0)
+    ids = torch.tensor([[0], [1], [0], [-1], [2], [1], [0], [-1], [1]])[:T]
+    A[0][3, 0, 0] = float("inf")
+    B[0][3, 0, 0] = float("inf")
+    B[0][0, 1, 1] = float("nan") if T == 9 else B[0][0, 1, 1]  # expert 0 routed at T = 9 only
+    g = g.clone()
+    g[ids < 0] = float("nan")
+    h = routed_lora_shrink(x, A, ids)
+    assert torch.isfinite(h).all()
+    y = routed_lora_expand(h, B, ids, g)
+    want = routed_lora_expand_ref(h, B, ids, g, 1.0)
+    torch.testing.assert_close(y, want, equal_nan=True)
+    assert torch.isfinite(y[ids[:, 0] != 0]).all()
 
 
 # ------------------------------------------------------------------------------------------

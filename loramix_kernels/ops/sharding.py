@@ -133,23 +133,150 @@ def _dense_ok(E, ranks, k):
     return choose_strategy(E, ranks, k) != "expert_sorted"
 
 
+def _slots(expert_ids, E):
+    """(valid ``[T, k]`` bool, ids ``[T, k]`` clamped into ``[0, E)``, in expert_ids' own integer
+    dtype): two ops where the values were validated (ids in ``[-1, E)``), four where they were not
+    (out-of-range ids are invalid, as in the reference)."""
+    if _backend.check_values(expert_ids):
+        return expert_ids >= 0, expert_ids.clamp(min=0)
+    valid = (expert_ids >= 0) & (expert_ids < E)
+    return valid, torch.where(valid, expert_ids, 0)
+
+
+def _gathered_cpu(T, k, E) -> bool:
+    """CPU: gather the routed slots' weights (``T * k`` experts' worth of copies, a handful of
+    ops, only routed work) rather than the dense form over all ``E`` experts, when fewer slots
+    than experts are routed (decode, small prefill); else the dense masked form."""
+    return T * k < E
+
+
+def _shrink_gathered(x, lora_a, expert_ids, acc):
+    """Per slot: one ``index_select`` of the routed experts' A and one bmm over all slices and
+    slots (the k slots of a token read the same x row), invalid slots zeroed by one ``where``."""
+    T, d_in = x.shape
+    k = expert_ids.shape[1]
+    E = lora_a[0].shape[0]
+    ranks = [a.shape[1] for a in lora_a]
+    r_max = max(ranks)
+    valid, ids = _slots(expert_ids, E)
+    flat = ids.reshape(-1)
+    xf = x if x.dtype == acc else x.to(acc)
+    xv = xf.unsqueeze(-1)  # [T, d_in, 1]
+    mask = valid.view(T, k, 1)
+    if len(lora_a) == 1 and ranks[0] == r_max:
+        a = lora_a[0].index_select(0, flat)
+        a = a if a.dtype == acc else a.to(acc)
+        z = torch.bmm(a.view(T, k * r_max, d_in), xv).view(T, k, r_max)
+        return torch.where(mask, z, 0).unsqueeze(0)
+    h = torch.zeros(len(lora_a), T, k, r_max, dtype=acc, device=x.device)
+    for s, (a, r) in enumerate(zip(lora_a, ranks)):
+        a = a.index_select(0, flat)
+        a = a if a.dtype == acc else a.to(acc)
+        z = torch.bmm(a.view(T, k * r, d_in), xv).view(T, k, r)
+        h[s, :, :, :r] = torch.where(mask, z, 0)
+    return h
+
+
+def _shrink_dense_cpu(x, lora_a, expert_ids, acc):
+    """``x @ A_cat^T`` over all experts (one GEMM per slice), then a gather of the routed slots;
+    an unrouted expert's row is computed but never gathered (isolation), invalid slots zeroed."""
+    T, d_in = x.shape
+    k = expert_ids.shape[1]
+    E = lora_a[0].shape[0]
+    ranks = [a.shape[1] for a in lora_a]
+    r_max = max(ranks)
+    valid, ids = _slots(expert_ids, E)
+    ids = ids.long()[:, :, None]
+    mask = valid.view(T, k, 1)
+    xf = x if x.dtype == acc else x.to(acc)
+    single = len(lora_a) == 1 and ranks[0] == r_max
+    h = None if single else torch.zeros(len(lora_a), T, k, r_max, dtype=acc, device=x.device)
+    for s, (a, r) in enumerate(zip(lora_a, ranks)):
+        a2 = a.reshape(E * r, d_in)
+        full = torch.mm(xf, (a2 if a2.dtype == acc else a2.to(acc)).t()).view(T, E, r)
+        hs = torch.where(mask, full.gather(1, ids.expand(T, k, r)), 0)
+        if single:
+            return hs.unsqueeze(0)
+        h[s, :, :, :r] = hs
+    return h
+
+
 def routed_lora_shrink_cpu(x, lora_a, expert_ids):
-    """Dense ``x @ A_cat^T`` + gather where routed_lora would run dense, else per-slot bmm."""
-    E, k = lora_a[0].shape[0], expert_ids.shape[1]
-    if x.shape[0] and k and _dense_ok(E, [a.shape[1] for a in lora_a], k):
-        return shrink_dense(x, lora_a, expert_ids)
-    return routed_lora_shrink_ref(x, lora_a, expert_ids)
+    """CPU kernel: the routed slots' A gathered (``_shrink_gathered``) when fewer slots than
+    experts are routed, else the dense GEMM + gather (``_shrink_dense_cpu``); both only a few
+    ops, no loop over tokens or slots."""
+    T, k = expert_ids.shape
+    acc = acc_dtype(x)
+    if not (T and k) or x.shape[1] == 0:
+        return torch.zeros(len(lora_a), T, k, max(a.shape[1] for a in lora_a), dtype=acc, device=x.device)
+    if _gathered_cpu(T, k, lora_a[0].shape[0]):
+        return _shrink_gathered(x, lora_a, expert_ids, acc)
+    return _shrink_dense_cpu(x, lora_a, expert_ids, acc)
+
+
+def _slot_weights(valid, gates, scaling, acc):
+    """``scaling * gate`` per slot in ``acc``, 0 on invalid slots (a NaN gate there stays out)."""
+    g = gates if gates.dtype == acc else gates.to(acc)
+    w = torch.where(valid, g, 0)
+    return w * scaling if scaling != 1.0 else w
+
+
+def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc):
+    """Per slice: one ``index_select`` of the routed slots' B, one bmm per slot row, invalid
+    slots zeroed by one ``where`` (an unrouted expert is never read: isolation), and one batched
+    product with the slot weights that also sums a token's k slots. y ``[T, sum n_s]`` in acc."""
+    T, k = expert_ids.shape
+    E = lora_b[0].shape[0]
+    valid, ids = _slots(expert_ids, E)
+    flat = ids.reshape(-1)
+    w = _slot_weights(valid, gates, scaling, acc).view(T, 1, k)
+    mask = valid.view(T, k, 1)
+    hf = h if h.dtype == acc else h.to(acc)
+    outs = []
+    for s, b in enumerate(lora_b):
+        n, r = b.shape[1], b.shape[2]
+        bs = b.index_select(0, flat)
+        bs = bs if bs.dtype == acc else bs.to(acc)
+        z = torch.bmm(bs, hf[s, :, :, :r].reshape(T * k, r, 1)).view(T, k, n)
+        outs.append(torch.bmm(w, torch.where(mask, z, 0)).view(T, n))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc):
+    """The dense masked form: the weighted h scattered onto per-expert rows ``[T, E + 1, r]``
+    (column E takes the invalid slots), then one bmm over the experts per slice, with B read in
+    place (no repack), summed over experts. None if not finite (0 * inf of an expert a token
+    does not use): the caller redoes it per slot."""
+    T, k = expert_ids.shape
+    E = lora_b[0].shape[0]
+    valid, ids = _slots(expert_ids, E)
+    w = _slot_weights(valid, gates, scaling, acc)
+    col = torch.where(valid, ids, E).long()
+    hf = h if h.dtype == acc else h.to(acc)
+    outs = []
+    for s, b in enumerate(lora_b):
+        r = b.shape[2]
+        hw = hf[s, :, :, :r] * w[:, :, None]
+        he = torch.zeros(T, E + 1, r, dtype=acc, device=h.device).scatter_add_(
+            1, col[:, :, None].expand(T, k, r), hw)
+        bt = b.transpose(1, 2)
+        y = torch.bmm(he[:, :E].transpose(0, 1), bt if bt.dtype == acc else bt.to(acc)).sum(0)  # [T, n]
+        outs.append(y)
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return y if math.isfinite(y.sum().item()) else None
 
 
 def _expand_torch(h, lora_b, expert_ids, gates, scaling):
-    """y in the accumulation dtype; the dense form is redone per slot if not finite (0 * inf of an
-    expert a token does not use)."""
-    E, k = lora_b[0].shape[0], expert_ids.shape[1]
-    if expert_ids.shape[0] and k and _dense_ok(E, [b.shape[2] for b in lora_b], k):
-        y = expand_dense(h, lora_b, expert_ids, gates, scaling)
-        if bool(torch.isfinite(y).all()):
-            return y
-    return routed_lora_expand_ref(h, lora_b, expert_ids, gates, scaling)
+    """y in the accumulation dtype: the gathered form when fewer slots than experts are routed,
+    else the dense form, redone per slot (the reference) if not finite."""
+    T, k = expert_ids.shape
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if not (T and k):
+        return torch.zeros(T, sum(b.shape[1] for b in lora_b), dtype=acc, device=h.device)
+    if _gathered_cpu(T, k, lora_b[0].shape[0]):
+        return _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc)
+    y = _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc)
+    return y if y is not None else routed_lora_expand_ref(h, lora_b, expert_ids, gates, scaling, acc)
 
 
 def _add_into(out, y):
