@@ -209,6 +209,13 @@ def test_cpu_forms_match_reference(form, dtype, checked, T, d_in, rn, E, k, idx_
     torch.testing.assert_close(h, h_ref, atol=1e-5 if acc == torch.float32 else 1e-12, rtol=1e-5)
     torch.testing.assert_close(y, routed_lora_expand_ref(h_ref, B, ids, g, 0.7),
                                atol=1e-5 if acc == torch.float32 else 1e-12, rtol=1e-5)
+    if form == "gathered":  # in place into a strided out of the accumulation dtype
+        base = torch.randn(T, sum(d_outs), dtype=acc)
+        out = strided(base)
+        with (contextlib.nullcontext() if checked else value_checks_off()):
+            assert sh._expand_gathered(strided(h), Bs, idss, gs, 0.7, acc, out) is None
+        torch.testing.assert_close(out, base + routed_lora_expand_ref(h_ref, B, ids, g, 0.7),
+                                   atol=1e-5 if acc == torch.float32 else 1e-12, rtol=1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 9])  # the gathered (T * k < E) and the dense CPU form

@@ -34,7 +34,7 @@ import math
 import torch
 
 from .. import _backend
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_no_alias,
                        check_shape, check_tensor, check_writable)
 from .._tiles import cdiv
 from ..reference.sharding import (acc_dtype, expand_backward, expand_dense, routed_lora_expand_ref,
@@ -57,7 +57,9 @@ def _check_ids(op, expert_ids, T, E, dev):
     if T is not None:
         check(expert_ids.shape[0] == T, op, "expert_ids", f"must be [T={T}, k], got {list(expert_ids.shape)}")
     if _backend.check_values(expert_ids) and expert_ids.numel():
-        check_index_range(op, "expert_ids", expert_ids, -1, E)
+        # check_index_range's rule and message, with one reduction (aminmax) instead of two
+        mn, mx = (int(v) for v in torch.aminmax(expert_ids))
+        check(-1 <= mn and mx < E, op, "expert_ids", f"entries must lie in [-1, {E}), found range [{mn}, {mx}]")
 
 
 def validate_routed_lora_shrink(x, lora_a, expert_ids):
@@ -221,10 +223,12 @@ def _slot_weights(valid, gates, scaling, acc):
     return w * scaling if scaling != 1.0 else w
 
 
-def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc):
+def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out=None):
     """Per slice: one ``index_select`` of the routed slots' B, one bmm per slot row, invalid
     slots zeroed by one ``where`` (an unrouted expert is never read: isolation), and one batched
-    product with the slot weights that also sums a token's k slots. y ``[T, sum n_s]`` in acc."""
+    product with the slot weights that also sums a token's k slots. Returns y ``[T, sum n_s]`` in
+    acc; with ``out`` (in acc), adds into it instead (``baddbmm_`` on its column slices: the
+    weighted sum and the add in one op) and returns None."""
     T, k = expert_ids.shape
     E = lora_b[0].shape[0]
     valid, ids = _slots(expert_ids, E)
@@ -232,14 +236,19 @@ def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc):
     w = _slot_weights(valid, gates, scaling, acc).view(T, 1, k)
     mask = valid.view(T, k, 1)
     hf = h if h.dtype == acc else h.to(acc)
-    outs = []
+    outs, col = [], 0
     for s, b in enumerate(lora_b):
         n, r = b.shape[1], b.shape[2]
         bs = b.index_select(0, flat)
         bs = bs if bs.dtype == acc else bs.to(acc)
-        z = torch.bmm(bs, hf[s, :, :, :r].reshape(T * k, r, 1)).view(T, k, n)
-        outs.append(torch.bmm(w, torch.where(mask, z, 0)).view(T, n))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        z = torch.where(mask, torch.bmm(bs, hf[s, :, :, :r].reshape(T * k, r, 1)).view(T, k, n), 0)
+        if out is not None:
+            o = out if len(lora_b) == 1 else out.narrow(1, col, n)
+            o.unsqueeze(1).baddbmm_(w, z)
+            col += n
+        else:
+            outs.append(torch.bmm(w, z).view(T, n))
+    return None if out is not None else outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc):
@@ -287,7 +296,13 @@ def _add_into(out, y):
 
 
 def routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling):
-    """``out += y``, the sum formed in fp32 (float64) and rounded once."""
+    """``out += y``, the sum formed in fp32 (float64) and rounded once. The gathered form adds
+    into an ``out`` of the accumulation dtype directly."""
+    T, k = expert_ids.shape
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if out.dtype == acc and T and k and _gathered_cpu(T, k, lora_b[0].shape[0]):
+        _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out)
+        return
     _add_into(out, _expand_torch(h, lora_b, expert_ids, gates, scaling))
 
 
