@@ -50,7 +50,7 @@ def check_index_range(op: str, arg: str, t: torch.Tensor, lo: int, hi: int) -> N
     """Value check: every entry in [lo, hi). Call only when ``check_values`` allows."""
     if t.numel() == 0:
         return
-    mn, mx = int(t.min()), int(t.max())
+    mn, mx = (int(v) for v in t.aminmax())
     check(lo <= mn and mx < hi, op, arg, f"entries must lie in [{lo}, {hi}), found range [{mn}, {mx}]")
 
 
