@@ -810,22 +810,47 @@ def dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs) -> bool:
     return dense <= per_expert
 
 
+def _gated(t, gates_, E, ranks, out=None):
+    """``t [T, sum_s E r_s]`` times the gate of each column's expert: ``gates_`` is the
+    ``[T, E + 1]`` gate matrix broadcast over ``[T, S, E, r]`` for equal ranks (no gathered copy),
+    else the gates already on the columns ``[T, R]``. In place into ``out`` (t itself) if given."""
+    if gates_.shape[1] == E + 1 and len(set(ranks)) == 1:
+        T = t.shape[0]
+        view = (T, len(ranks), E, ranks[0])
+        g = gates_.narrow(1, 0, E).view(T, 1, E, 1)
+        if out is not None:
+            out.view(view).mul_(g)
+            return out
+        return (t.view(view) * g).view(t.shape)
+    return t.mul_(gates_) if out is not None else t * gates_
+
+
 def _dense_forward_train(x, lora_a, lora_b, expert_ids, gates, scaling, acc, needs):
     """``_dense_forward_cpu`` for a training step: the same y (in ``acc``), plus what
     ``_dense_backward_saved`` needs, so that the backward neither repacks the weights nor
-    recomputes h or the gates: ``(idx, gcols, a_all, h, hg, *b_cats)`` with ``idx`` the gate
-    column of each slot, ``gcols`` the gates on the rank columns ``[T, R]``, ``a_all`` the packed A
-    (if dx is needed), ``h = x A_cat^T`` (if d_gates is), ``hg = h * gcols`` (if dB is) and the
+    recomputes h or the gates: ``(idx, gates_, h, hg, *a_alls, *b_cats)`` with ``idx`` the gate
+    column of each slot, ``gates_`` the gates of the rank columns (equal ranks: the ``[T, E + 1]``
+    gate matrix, broadcast over the ranks; else gathered onto the ``[T, R]`` columns),
+    ``h = x A_cat^T`` (if d_gates is), ``hg`` = h gated (if dB is), each slice's A as
+    ``[E r_s, d_in]`` in ``acc`` (if dx is; no packed copy: one GEMM per slice) and the
     packed B of every slice (if dx, dA or d_gates is); an empty tensor for what is not kept."""
     need_x, need_a, need_b, need_g = needs
     T = x.shape[0]
     E = lora_a[0].shape[0]
     ranks = tuple(a.shape[1] for a in lora_a)
     gm, idx = _gate_matrix(expert_ids, gates, E, scaling, acc)
-    gcols = gm.index_select(1, _column_experts(E, ranks, x.device))
-    a_all = _packed_a(lora_a, acc)
-    h = torch.mm(x.to(acc), a_all.t())
-    hg = h * gcols
+    xf = x.to(acc)
+    d_in = x.shape[1]
+    if len(lora_a) == 1:
+        a_all = lora_a[0].reshape(-1, d_in).to(acc)
+        h = torch.mm(xf, a_all.t())
+    else:  # one GEMM per slice into h's columns: no packed copy of A (dx takes the slices too)
+        a_all = [a.reshape(-1, d_in).to(acc) for a in lora_a]
+        h = torch.empty(T, E * sum(ranks), dtype=acc, device=x.device)
+        for a, hs in zip(a_all, torch.split(h, [E * r for r in ranks], 1)):
+            torch.mm(xf, a.t(), out=hs)
+    gcols = gm if len(set(ranks)) == 1 else gm.index_select(1, _column_experts(E, ranks, x.device))
+    hg = _gated(h, gcols, E, ranks)
     b_cats = [_packed_b(b, acc) for b in lora_b]
     d_outs = [b.shape[1] for b in lora_b]
     if len(b_cats) == 1:
@@ -836,7 +861,8 @@ def _dense_forward_train(x, lora_a, lora_b, expert_ids, gates, scaling, acc, nee
             torch.mm(hs, bc.t(), out=ys)
     none = gm.new_empty(0)
     keep_b = need_x or need_a or need_g
-    saved = (idx, gcols, a_all if need_x else none, h if need_g else none, hg if need_b else none,
+    a_keep = ([a_all] if len(lora_a) == 1 else a_all) if need_x else [none] * len(lora_a)
+    saved = (idx, gcols, h if need_g else none, hg if need_b else none, *a_keep,
              *(b_cats if keep_b else [none] * len(b_cats)))
     return y, saved
 
@@ -851,7 +877,8 @@ def _dense_backward_saved(grad_y, x, lora_a, lora_b, gates, scaling, needs, save
     isolated one and needs no check. Never writes into a saved tensor (a second backward with
     ``retain_graph`` reads them again)."""
     need_x, need_a, need_b, need_g = needs
-    idx, gcols, a_all, h, hg, *b_cats = saved
+    idx, gcols, h, hg, *ab = saved  # gcols: see _gated
+    a_alls, b_cats = ab[:len(lora_a)], ab[len(lora_a):]
     T, d_in = x.shape
     E = lora_a[0].shape[0]
     ranks = tuple(a.shape[1] for a in lora_a)
@@ -880,13 +907,15 @@ def _dense_backward_saved(grad_y, x, lora_a, lora_b, gates, scaling, needs, save
         dg = torch.cat([dg, dg.new_zeros(T, 1)], 1).gather(1, idx)
         gg = dg.mul_(scaling) if scaling != 1.0 else dg
     if need_x or need_a:
-        du = u.mul_(gcols)
+        du = _gated(u, gcols, E, ranks, out=u)
+        dus = torch.split(du, cols, 1) if len(cols) > 1 else (du,)
         if need_x:
-            gx = torch.mm(du, a_all)
+            gx = torch.mm(dus[0], a_alls[0])
+            for d, a in zip(dus[1:], a_alls[1:]):
+                gx.addmm_(d, a)
             gx = gx if gx.dtype == x.dtype else gx.to(x.dtype)
         if need_a:
             xf = x if x.dtype == acc else x.to(acc)
-            dus = torch.split(du, cols, 1) if len(cols) > 1 else (du,)
             ga = []
             for d, a in zip(dus, lora_a):
                 g = torch.mm(d.t(), xf).view(a.shape)
@@ -1083,9 +1112,16 @@ class _RoutedLoraTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, expert_ids, gates, scaling, n, needs, *w):
+        lora_a, lora_b = list(w[:n]), list(w[n:])
         _TRAIN.needs = needs
         try:
-            y = _ROUTED_LORA(x, list(w[:n]), list(w[n:]), expert_ids, gates, scaling)
+            # The op's own implementation without the dispatcher round trip (validation once;
+            # the Triton test switch keeps its launcher).
+            validate_routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling)
+            if _backend.use_triton(x):
+                y = routed_lora_triton(x, lora_a, lora_b, expert_ids, gates, scaling)
+            else:
+                y = routed_lora_cpu(x, lora_a, lora_b, expert_ids, gates, scaling)
             held = _TRAIN.saved
         finally:
             _TRAIN.needs = _TRAIN.saved = None
@@ -1210,9 +1246,13 @@ def routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
     torch.Size([5, 32])
     """
     lora_a, lora_b, scaling = list(lora_a), list(lora_b), float(scaling)
-    if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and torch.is_grad_enabled()
+    # Plain eager CPU tensors only: no compile, autocast, functorch transform, tensor subclass or
+    # Python dispatch / function mode (the training path calls the kernel without the dispatcher).
+    if (type(x) is torch.Tensor and x.device.type == "cpu" and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
-            and not torch._C._are_functorch_transforms_active()):
+            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled()):
         needs = _train_needs(x, lora_a, lora_b, expert_ids, gates)
         if needs is not None:
             return _RoutedLoraTrain.apply(x, expert_ids, gates, scaling, len(lora_a), needs, *lora_a, *lora_b)
@@ -1226,8 +1266,8 @@ def _train_needs(x, lora_a, lora_b, expert_ids, gates):
     takes the registered path and gets its message there) and ``dense_saved_cheaper_cpu`` says
     so."""
     T_ = torch.Tensor
-    if not (x.dim() == 2 and lora_a and len(lora_a) == len(lora_b) and isinstance(gates, T_)
-            and all(isinstance(t, T_) and t.dim() == 3 for t in (*lora_a, *lora_b))
+    if not (x.dim() == 2 and lora_a and len(lora_a) == len(lora_b) and type(gates) is T_
+            and all(type(t) is T_ and t.dim() == 3 for t in (*lora_a, *lora_b))
             and isinstance(expert_ids, T_) and expert_ids.dim() == 2) or _backend.deterministic():
         return None
     needs = (x.requires_grad, any(a.requires_grad for a in lora_a),
