@@ -44,6 +44,13 @@ Backward (``loramix::routed_lora_backward``)
   GEMM, gates gathered onto the rank columns, no route mask, one finiteness check) wins there
   even where the Triton path sorts; large experts at sparse routing run the per-expert loop.
   Deterministic mode keeps the Triton path's choice (``_dense_on_device``).
+* Training on CPU (``routed_lora`` with grad, eager, plain CPU tensors, no autocast; where
+  ``dense_saved_cheaper_cpu`` picks the dense backward): a plain autograd function
+  (``_RoutedLoraTrain``) whose dense forward (``_dense_forward_train``) keeps the packed B of
+  every slice, the gates on the rank columns and h = x A^T (only those the needed gradients use),
+  and whose backward (``_dense_backward_saved``) runs on them: no repacking, no recomputed h, no
+  second validation, and no check of its result (a finite forward means finite inputs; it checks
+  grad_y and otherwise runs the op ``routed_lora_backward``, as it does under create_graph).
 * Double backward (a gradient of these gradients) is not supported: it raises.
 
 Precision of each path (all accumulate in fp32; float64 inputs in float64)
