@@ -19,7 +19,7 @@ from loramix_kernels.reference.routed_lora import (
     dense_pack, routed_lora_backward_dense, routed_lora_backward_ref, routed_lora_dense, routed_lora_ref)
 from loramix_kernels.bench.bench_routed_lora import routed_lora_two_launch
 from tests.common import (TOL, TRITON_DEVICE, assert_close, backends, reference_path, requires_cuda,
-                          requires_triton, to_device, triton_path)
+                          requires_triton, strided, to_device, triton_path)
 
 STRATEGIES = ["token_major", "expert_sorted", "dense_gemm"]
 
@@ -995,3 +995,147 @@ def test_torch_deterministic_algorithms_imply_ours():
     finally:
         torch.use_deterministic_algorithms(old)
     assert _backend.deterministic() == old
+
+
+# ------------------------------------------------------------------------------------------
+# CPU training path (routed_lora with grad: _RoutedLoraTrain, the forward's saved tensors)
+# ------------------------------------------------------------------------------------------
+
+NEEDS_PATTERNS = [tuple(bool(m >> i & 1) for i in range(4)) for m in range(1, 16)]
+
+
+def _train_case(seed, dtype):
+    """Random shapes: 1-3 slices with equal or mixed ranks and widths, k from 1 to E, -1 slots,
+    half of the tensors strided views."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    T, d_in, E, S = ri(1, 40), ri(1, 24), ri(1, 7), ri(1, 3)
+    ranks = [ri(1, 5) for _ in range(S)] if seed % 2 else [ri(1, 5)] * S
+    widths = [ri(1, 20) for _ in range(S)]
+    k = ri(1, E)
+    x = torch.randn(T, d_in, generator=g)
+    A = [torch.randn(E, r, d_in, generator=g) / d_in ** 0.5 for r in ranks]
+    B = [torch.randn(E, n, r, generator=g) for r, n in zip(ranks, widths)]
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(
+        torch.int32 if seed % 3 else torch.int64)
+    ids[torch.rand(T, k, generator=g) < 0.25] = -1
+    gates = torch.rand(T, k, generator=g)
+    dy = torch.randn(T, sum(widths), generator=g)
+    x, dy = x.to(dtype), dy.to(dtype)
+    A, B = [a.to(dtype) for a in A], [b.to(dtype) for b in B]
+    gates = gates.double() if dtype == torch.float64 else gates  # fp32 otherwise, as route_topk
+    if seed % 4 == 1:
+        x, A, B, gates, dy = strided(x), strided(A), strided(B), strided(gates), strided(dy)
+    return x, A, B, ids, gates, dy
+
+
+def _train_leaves(x, A, B, gates, needs):
+    x.requires_grad_(needs[0])
+    for a in A:
+        a.requires_grad_(needs[1])
+    for b in B:
+        b.requires_grad_(needs[2])
+    gates.requires_grad_(needs[3])
+    return [t for t in (x, *A, *B, gates) if t.requires_grad]
+
+
+@pytest.fixture
+def saved_path_calls(monkeypatch):
+    """Counts the backwards that ran on the forward's saved tensors (and gave a result)."""
+    calls = []
+    orig = rl._dense_backward_saved
+
+    def counted(*args):
+        got = orig(*args)
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr(rl, "_dense_backward_saved", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("needs", NEEDS_PATTERNS, ids=lambda n: "".join("xabg"[i] for i in range(4) if n[i]))
+def test_cpu_training_path_matches_oracle(dtype, needs, saved_path_calls):
+    """Every needs pattern, random shapes: y and the gradients autograd asks for equal the float64
+    oracle's, in the inputs' dtypes, contiguous, and the saved-tensor backward ran."""
+    for seed in range(6):
+        x, A, B, ids, gates, dy = _train_case(seed + 10 * needs.index(True), dtype)
+        leaves = _train_leaves(x, A, B, gates, needs)
+        with loramix_kernels.use_backend("auto"):
+            y = loramix_kernels.routed_lora(x, A, B, ids, gates, 0.7)
+            got = torch.autograd.grad(y, leaves, dy)
+        ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+        sub = dict(zip(map(id, leaves), ref_leaves))
+        rx, rA, rB, rg = ([sub.get(id(t), t) for t in ts] for ts in ([x], A, B, [gates]))
+        want_y = oracle(rx[0], rA, rB, ids, rg[0], 0.7)
+        want = torch.autograd.grad(want_y, ref_leaves, dy.double())
+        assert y.dtype == dtype and y.is_contiguous()
+        assert_close(y, want_y, dtype)
+        for t, gr, w in zip(leaves, got, want):
+            assert gr.dtype == t.dtype and gr.shape == t.shape and gr.is_contiguous()
+            assert_close(gr, w, dtype)
+    assert saved_path_calls and all(saved_path_calls)
+
+
+def test_cpu_training_path_retain_graph_and_float64_gradcheck(saved_path_calls):
+    """A second backward through the same graph (retain_graph) reads unchanged saved tensors; the
+    float64 path passes gradcheck."""
+    x, A, B, ids, gates, dy = _train_case(3, torch.float32)
+    leaves = _train_leaves(x, A, B, gates, (True, True, True, True))
+    with loramix_kernels.use_backend("auto"):
+        y = loramix_kernels.routed_lora(x, A, B, ids, gates, 1.5)
+        first = torch.autograd.grad(y, leaves, dy, retain_graph=True)
+        second = torch.autograd.grad(y, leaves, dy)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        x, A, B, ids, gates, _ = _train_case(5, torch.float64)
+        leaves = _train_leaves(x, A, B, gates, (True, True, True, True))
+        n = len(A)
+        assert torch.autograd.gradcheck(
+            lambda x, g, *w: loramix_kernels.routed_lora(x, list(w[:n]), list(w[n:]), ids, g, 0.5),
+            [x, gates, *A, *B])
+    assert saved_path_calls and all(saved_path_calls)
+
+
+def test_cpu_training_path_isolation_and_double_backward(saved_path_calls):
+    """Non-finite grad_y rows: the saved backward declines and the isolated form runs (experts and
+    tokens that do not touch the row stay finite, equal to the per-expert reference); an inf
+    weight of an unused expert: the forward keeps nothing and the op backward runs; create_graph:
+    double backward raises as on the registered path."""
+    x, A, B, ids, g = make_case(6, 16, [4, 2], [8, 5], 4, 1)
+    ids = torch.tensor([[0], [1], [1], [2], [-1], [0]], dtype=torch.int32)
+    dy = torch.randn(6, 13)
+    dy[3, 2] = float("inf")  # token 3 routes to expert 2 only
+    leaves = _train_leaves(x, A, B, g, (True, True, True, True))
+    with loramix_kernels.use_backend("auto"):
+        y = loramix_kernels.routed_lora(x, A, B, ids, g, 1.0)
+        got = torch.autograd.grad(y, leaves, dy)
+    assert saved_path_calls == [False]
+    want = routed_lora_backward_ref(dy, *(t.detach() for t in (x,)), [a.detach() for a in A],
+                                    [b.detach() for b in B], ids, g.detach(), 1.0)
+    want = [want[0], *want[1], *want[2], want[3]]
+    for gr, w in zip(got, want):  # the same non-finite entries (inf or NaN), equal elsewhere
+        fin = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(gr), fin)
+        torch.testing.assert_close(gr[fin], w[fin])
+    assert torch.isfinite(got[0][[0, 1, 2, 4, 5]]).all() and torch.isfinite(got[1][[0, 1, 3]]).all()
+
+    saved_path_calls.clear()
+    A2 = [a.detach().clone() for a in A]
+    A2[0][3, 0, 0] = float("inf")  # expert 3: no token
+    leaves = _train_leaves(x, A2, B, g, (True, True, True, True))
+    with loramix_kernels.use_backend("auto"):
+        y = loramix_kernels.routed_lora(x, A2, B, ids, g, 1.0)
+        got = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    assert saved_path_calls == [] and torch.isfinite(y).all()
+    assert all(torch.isfinite(t).all() for t in (got[0], got[-1]))
+
+    with loramix_kernels.use_backend("auto"):
+        y = loramix_kernels.routed_lora(x, A, B, ids, g, 1.0)
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="routed_lora: double backward"):
+            torch.autograd.grad(gx.sum(), A[0])
