@@ -6,10 +6,14 @@
 // PyTorch form (index arithmetic, masks, a nonzero, a gather and a scatter per cache) plus the
 // value checks cost tens of small torch calls; here one walk over the indices checks and copies.
 //
-// Value checks. With `check` set (the Python op passes `check_values`), every value the Python
-// validator checks is checked here FIRST, before any write: on the first invalid value the kernel
-// returns false having written nothing, and the Python op then runs its own checks to name the
-// offending argument (loramix_kernels/ops/kv.py). Without `check` (value checks switched off),
+// Checks. With `check_meta`, the kernels check the arguments' metadata (the rules of the Python
+// validators in loramix_kernels/ops/kv.py: ranks, dtypes, shapes, devices, no internal overlap of
+// the caches, no shared memory with the inputs), so that a CPU call skips the Python validator;
+// address ranges that meet (legal for the two halves of one allocation) are left to the Python
+// checks (status kUnsure). With `check` set (the Python op passes `check_values`), every value
+// the validator checks is checked too. All of it happens FIRST, before any write: on the first
+// invalid argument the kernel returns kInvalid having written nothing, and the Python op then
+// runs its own checks to name the offending argument. Without `check` (value checks switched off),
 // invalid entries are skipped exactly as the Triton kernels skip them (kernels/kv.py): no input
 // makes a kernel write outside the caches.
 //
@@ -17,6 +21,7 @@
 // caches and K / V rows are read and written in place with their strides (any float dtype: rows
 // are copied as bytes, k / v have the caches' dtype).
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/all.h>
@@ -24,6 +29,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 namespace loramix {
@@ -75,8 +82,79 @@ inline void copy_row(char* dst, RowLayout dl, const char* src, RowLayout sl, int
   }
 }
 
-bool kv_write_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& slot_mapping, bool check) {
+// Status of a call: done; or the metadata check could not decide (two tensors' address ranges
+// meet, e.g. the two halves of one allocation: the Python checks decide exactly); or an argument
+// the op's checks reject (nothing written; the Python op names it).
+constexpr int64_t kDone = 0, kUnsure = 1, kInvalid = 2;
+
+bool is_float(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+bool is_index(const at::Tensor& t) {
+  return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
+}
+
+// [first, last] byte a non-empty tensor addresses.
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  int64_t lo = 0, hi = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t span = (t.size(d) - 1) * t.stride(d);
+    (span < 0 ? lo : hi) += span;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const int64_t es = t.element_size();
+  return {base + lo * es, base + (hi + 1) * es - 1};
+}
+
+// Whether in-place output `out` may share memory with any of `others` (address ranges meet).
+bool ranges_meet(const at::Tensor& out, std::initializer_list<const at::Tensor*> others) {
+  if (out.numel() == 0) return false;
+  const auto r = byte_range(out);
+  for (const at::Tensor* o : others) {
+    if (o->numel() == 0) continue;
+    const auto q = byte_range(*o);
+    if (!(r.second < q.first || q.second < r.first)) return true;
+  }
+  return false;
+}
+
+bool writable(const at::Tensor& t) {
+  return at::has_internal_overlap(t) != at::MemOverlap::Yes;
+}
+
+// The metadata rules of kv_write_ (ops/kv.py, validate_kv_write).
+int64_t kv_write_meta(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                      const at::Tensor& v, const at::Tensor& slot_mapping) {
+  if (k_cache.dim() != 4 || !is_float(k_cache) || v_cache.dim() != 4 || !is_float(v_cache) ||
+      v_cache.sizes() != k_cache.sizes() || slot_mapping.dim() != 1 || !is_index(slot_mapping) ||
+      k.dim() != 3 || v.dim() != 3 || k.scalar_type() != k_cache.scalar_type() ||
+      v.scalar_type() != v_cache.scalar_type()) {
+    return kInvalid;
+  }
+  const int64_t T = slot_mapping.size(0), H = k_cache.size(2), D = k_cache.size(3);
+  for (const at::Tensor* t : {&k, &v}) {
+    if (t->size(0) != T || t->size(1) != H || t->size(2) != D) return kInvalid;
+  }
+  for (const at::Tensor* t : {&v_cache, &k, &v, &slot_mapping}) {
+    if (t->device() != k_cache.device()) return kInvalid;
+  }
+  if (!writable(k_cache) || !writable(v_cache)) return kInvalid;
+  if (ranges_meet(k_cache, {&v_cache, &k, &v, &slot_mapping}) ||
+      ranges_meet(v_cache, {&k, &v, &slot_mapping})) {
+    return kUnsure;
+  }
+  return kDone;
+}
+
+int64_t kv_write_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& slot_mapping, bool check,
+                     bool check_meta) {
+  if (check_meta) {
+    const int64_t status = kv_write_meta(k_cache, v_cache, k, v, slot_mapping);
+    if (status != kDone) return status;
+  }
   const int64_t nb = k_cache.size(0), bs = k_cache.size(1), H = k_cache.size(2),
                 D = k_cache.size(3);
   const int64_t T = slot_mapping.size(0), cap = nb * bs;
@@ -86,13 +164,13 @@ bool kv_write_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, c
     used.reserve(static_cast<size_t>(T));
     for (int64_t t = 0; t < T; ++t) {
       const int64_t s = slot(t);
-      if (s < -1 || s >= cap) return false;
+      if (s < -1 || s >= cap) return kInvalid;
       if (s >= 0) used.push_back(s);
     }
     std::sort(used.begin(), used.end());
-    if (std::adjacent_find(used.begin(), used.end()) != used.end()) return false;
+    if (std::adjacent_find(used.begin(), used.end()) != used.end()) return kInvalid;
   }
-  if (T == 0 || H == 0 || D == 0) return true;
+  if (T == 0 || H == 0 || D == 0) return kDone;
   const int64_t es = k_cache.element_size();
   char* kc = static_cast<char*>(k_cache.data_ptr());
   char* vc = static_cast<char*>(v_cache.data_ptr());
@@ -116,7 +194,7 @@ bool kv_write_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, c
       copy_row(vc + blk * vcb + off * vcs, vcl, vp + t * vt, vl, H, D, es);
     }
   });
-  return true;
+  return kDone;
 }
 
 struct Move {
@@ -163,9 +241,42 @@ bool compact_moves(const at::Tensor& block_table, const at::Tensor& seq_lens,
 }
 
 // compact_kv_ (4-D caches) and compact_kv_layers_ (5-D caches: the same moves in every layer).
-bool compact_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& block_table,
-                    const at::Tensor& seq_lens, const at::Tensor& accept_index,
-                    const at::Tensor& accept_len, bool check) {
+// The metadata rules of compact_kv_ / compact_kv_layers_ (ops/kv.py, _check_compact).
+int64_t compact_meta(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_table, const at::Tensor& seq_lens,
+                     const at::Tensor& accept_index, const at::Tensor& accept_len, bool layered) {
+  const int64_t ndim = layered ? 5 : 4;
+  if (k_cache.dim() != ndim || !is_float(k_cache) || v_cache.dim() != ndim || !is_float(v_cache) ||
+      v_cache.sizes() != k_cache.sizes() || accept_index.dim() != 2 || !is_index(accept_index) ||
+      accept_index.size(1) < 1 || accept_len.dim() != 1 || !is_index(accept_len) ||
+      block_table.dim() != 2 || !is_index(block_table) || seq_lens.dim() != 1 ||
+      !is_index(seq_lens)) {
+    return kInvalid;
+  }
+  const int64_t B = accept_index.size(0);
+  if (accept_len.size(0) != B || block_table.size(0) != B || block_table.size(1) < 1 ||
+      seq_lens.size(0) != B) {
+    return kInvalid;
+  }
+  for (const at::Tensor* t : {&v_cache, &block_table, &seq_lens, &accept_index, &accept_len}) {
+    if (t->device() != k_cache.device()) return kInvalid;
+  }
+  if (!writable(k_cache) || !writable(v_cache)) return kInvalid;
+  if (ranges_meet(k_cache, {&v_cache, &block_table, &seq_lens, &accept_index, &accept_len}) ||
+      ranges_meet(v_cache, {&block_table, &seq_lens, &accept_index, &accept_len})) {
+    return kUnsure;
+  }
+  return kDone;
+}
+
+int64_t compact_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, const at::Tensor& accept_index,
+                       const at::Tensor& accept_len, bool check, bool check_meta, bool layers) {
+  if (check_meta) {
+    const int64_t status = compact_meta(k_cache, v_cache, block_table, seq_lens, accept_index,
+                                        accept_len, layers);
+    if (status != kDone) return status;
+  }
   const bool layered = k_cache.dim() == 5;
   const int64_t o = layered ? 1 : 0;
   const int64_t L = layered ? k_cache.size(0) : 1;
@@ -173,9 +284,9 @@ bool compact_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& bl
                 D = k_cache.size(o + 3);
   std::vector<Move> moves;
   if (!compact_moves(block_table, seq_lens, accept_index, accept_len, nb, bs, check, moves)) {
-    return false;
+    return kInvalid;
   }
-  if (moves.empty() || L == 0 || H == 0 || D == 0) return true;
+  if (moves.empty() || L == 0 || H == 0 || D == 0) return kDone;
   const int64_t es = k_cache.element_size();
   for (at::Tensor* cache : {&k_cache, &v_cache}) {
     char* base = static_cast<char*>(cache->data_ptr());
@@ -194,16 +305,17 @@ bool compact_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& bl
       }
     });
   }
-  return true;
+  return kDone;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loramix, m) {
   m.def("_kv_write_cpu(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
-        "Tensor slot_mapping, bool check) -> bool");
+        "Tensor slot_mapping, bool check, bool check_meta) -> int");
   m.def("_compact_kv_cpu(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
-        "Tensor seq_lens, Tensor accept_index, Tensor accept_len, bool check) -> bool");
+        "Tensor seq_lens, Tensor accept_index, Tensor accept_len, bool check, bool check_meta, "
+        "bool layers) -> int");
 }
 
 TORCH_LIBRARY_IMPL(loramix, CPU, m) {

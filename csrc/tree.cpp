@@ -11,9 +11,10 @@
 // into the query rows while N * G <= fold_max_rows (the Python kernel's _FOLD_MAX_ROWS), SDPA's
 // own GQA for wider trees.
 //
-// With `check` (the op's value checks on), the lengths and the block ids each request uses are
-// checked first, in the walk; status kInvalid makes the Python op run its own checks to name the
-// offending entry.
+// With `check_meta`, the arguments' metadata is checked first (the Python validator's rules), so a
+// CPU call skips the Python validator; with `check` (the op's value checks on), the lengths and
+// the block ids each request uses are checked too, in the walk. Status kInvalid makes the Python
+// op run its own checks to name the offending argument.
 //
 // Fast path only: status kFallback comes back, and the Python kernel then does everything itself, when
 // a length lies outside the table (value checks off) or when the output is not finite -- a NaN /
@@ -28,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -68,12 +70,53 @@ void fill_mask(T* m, const at::Tensor& tree_mask, const std::vector<int64_t>& ba
 // (with `check`) a value the op's checks reject -- the Python op then names it.
 constexpr int64_t kOk = 0, kFallback = 1, kInvalid = 2;
 
+bool is_float(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+bool is_index(const at::Tensor& t) {
+  return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
+}
+
+// The metadata rules of tree_attention (ops/tree.py, validate_tree_attention; sm_scale is checked
+// in Python): ranks, dtypes, shapes and devices.
+bool metadata_ok(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& block_table, const at::Tensor& seq_lens,
+                 const at::Tensor& tree_mask) {
+  if (q.dim() != 4 || !is_float(q) || q.size(1) < 1 || q.size(3) < 1) return false;
+  if (k_cache.dim() != 4 || k_cache.scalar_type() != q.scalar_type() || k_cache.size(3) != q.size(3) ||
+      k_cache.size(0) < 1 || k_cache.size(1) < 1 || k_cache.size(2) < 1 ||
+      q.size(2) % k_cache.size(2) != 0) {
+    return false;
+  }
+  if (v_cache.dim() != 4 || v_cache.scalar_type() != q.scalar_type() ||
+      v_cache.sizes() != k_cache.sizes()) {
+    return false;
+  }
+  const int64_t B = q.size(0), N = q.size(1);
+  if (block_table.dim() != 2 || !is_index(block_table) || block_table.size(0) != B ||
+      block_table.size(1) < 1 || seq_lens.dim() != 1 || !is_index(seq_lens) ||
+      seq_lens.size(0) != B || tree_mask.dim() != 3 || tree_mask.scalar_type() != at::kInt ||
+      tree_mask.size(0) != B || tree_mask.size(1) != N || tree_mask.size(2) != (N + 31) / 32) {
+    return false;
+  }
+  for (const at::Tensor* t : {&k_cache, &v_cache, &block_table, &seq_lens, &tree_mask}) {
+    if (t->device() != q.device()) return false;
+  }
+  return true;
+}
+
 std::tuple<at::Tensor, int64_t> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                 const at::Tensor& v_cache,
                                                 const at::Tensor& block_table,
                                                 const at::Tensor& seq_lens,
                                                 const at::Tensor& tree_mask, double scale,
-                                                int64_t fold_max_rows, bool check) {
+                                                int64_t fold_max_rows, bool check,
+                                                bool check_meta) {
+  if (check_meta && !metadata_ok(q, k_cache, v_cache, block_table, seq_lens, tree_mask)) {
+    return {at::empty({0}, q.options()), kInvalid};
+  }
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t nb = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t cap = block_table.size(1) * bs, G = Hq / Hkv;
@@ -172,8 +215,8 @@ std::tuple<at::Tensor, int64_t> tree_attention_cpu(const at::Tensor& q, const at
 
 TORCH_LIBRARY_FRAGMENT(loramix, m) {
   m.def("_tree_attention_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-        "Tensor seq_lens, Tensor tree_mask, float scale, int fold_max_rows, bool check) -> "
-        "(Tensor out, int status)");
+        "Tensor seq_lens, Tensor tree_mask, float scale, int fold_max_rows, bool check, "
+        "bool check_meta) -> (Tensor out, int status)");
 }
 
 TORCH_LIBRARY_IMPL(loramix, CPU, m) {

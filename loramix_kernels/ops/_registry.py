@@ -4,7 +4,8 @@ Every op of the package is registered by :func:`register_op`, so the pattern liv
 
 * the schema is defined in the ``loramix`` namespace;
 * one implementation, registered for CPU and CUDA, validates the arguments ONCE with the family's
-  ``validate_<op>`` and then dispatches: the Triton launcher ``<op>_triton`` for CUDA tensors (and
+  ``validate_<op>`` (or, for ops with a ``checked_cpu`` native kernel, lets that kernel check them
+  in C++ on CPU) and then dispatches: the Triton launcher ``<op>_triton`` for CUDA tensors (and
   for CPU tensors under the test switch ``LORAMIX_BACKEND=triton`` + ``TRITON_INTERPRET=1``), the
   CPU kernel otherwise (native C++ where the family has one, else fast PyTorch);
 * the fake kernel (torch.compile, meta tensors) runs the same validator (value checks skip fake
@@ -79,6 +80,7 @@ def register_op(
     backward: Callable | None = None,
     setup_context: Callable | None = None,
     autocast: Sequence[int] = (),
+    checked_cpu: Callable | None = None,
 ) -> OpDef:
     """Define ``loramix::<name><schema>`` and register its kernels.
 
@@ -105,6 +107,12 @@ def register_op(
         Positions of floating-point arguments (tensors or lists of tensors) that are cast to the
         autocast dtype inside an autocast region (CPU and CUDA), the others are left alone. Empty:
         the op ignores autocast.
+    checked_cpu
+        Optional, for a CPU call that the CPU kernel would handle: a native kernel that makes the
+        validator's checks itself (in C++, a fraction of the Python validator's per-call cost at
+        decode sizes) and computes; it calls ``validate`` only to name a rejected argument.
+        Returns ``NotImplemented`` when it cannot run (no native extension): then ``validate`` +
+        ``cpu`` run as for every op.
     """
     qualname = f"loramix::{name}"
     LIB.define(name + schema)
@@ -112,8 +120,12 @@ def register_op(
     mutates = _mutated_arguments(schema)
 
     def impl(*args):
-        validate(*args)
         t = args[first_tensor]
+        if checked_cpu is not None and t.device.type == "cpu" and not _backend.use_triton(t):
+            out = checked_cpu(*args)
+            if out is not NotImplemented:
+                return out
+        validate(*args)
         if triton is not None and _backend.use_triton(t):
             return triton(*args)
         return cpu(*args)

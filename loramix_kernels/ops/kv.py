@@ -27,15 +27,34 @@ def _native_disagrees(op):
 
 
 def _compact_cpu(op, ref, k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
-    """CPU kernel of compact_kv_ / compact_kv_layers_: the native walk (value checks, then the row
-    moves of every layer) when built, else the vectorised gather-then-scatter ``ref``."""
-    if not _native.runs_on(accept_index, "_compact_kv_cpu"):
+    """CPU kernel of compact_kv_ / compact_kv_layers_ (after validation): the native walk (value
+    checks, then the row moves of every layer) when built, else the vectorised gather-then-scatter
+    ``ref``."""
+    fn = _native.op("_compact_kv_cpu") if accept_index.device.type == "cpu" else None
+    if fn is None:
         return ref(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
-    if not _native.op("_compact_kv_cpu")(k_cache, v_cache, block_table, seq_lens, accept_index,
-                                         accept_len, _backend.check_values(accept_index)):
+    check = _backend.check_values(accept_index)
+    if fn(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len, check, False,
+          op == _OP_LAYERS) != 0:
         _check_compact_values(op, block_table, seq_lens, accept_index, accept_len,
                               *k_cache.shape[-4:-2])
         _native_disagrees(op)
+
+
+def _compact_checked(op, validate, *args):
+    """``checked_cpu`` of compact_kv_ / compact_kv_layers_: the native kernel checks the metadata
+    and the values itself, then moves; the Python validator runs only to name what it rejected
+    (or to decide exactly where two address ranges meet)."""
+    fn = _native.op("_compact_kv_cpu")
+    if fn is None:
+        return NotImplemented
+    check, layers = _backend.check_values(args[4]), op == _OP_LAYERS
+    if fn(*args, check, True, layers) == 0:
+        return None
+    validate(*args)  # raises naming the argument, unless the caches only share an allocation
+    if fn(*args, check, False, layers) != 0:
+        _native_disagrees(op)
+    return None
 
 
 def validate_compact_kv(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
@@ -73,7 +92,7 @@ def _check_compact(op, k_cache, v_cache, block_table, seq_lens, accept_index, ac
     check_writable(op, vname, v_cache)
     check_no_alias(op, kname, k_cache, {vname: v_cache, **indices})
     check_no_alias(op, vname, v_cache, indices)
-    if B > 0 and _backend.check_values(accept_index) and not _native.runs_on(accept_index, "_compact_kv_cpu"):
+    if B > 0 and _backend.check_values(accept_index):
         _check_compact_values(op, block_table, seq_lens, accept_index, accept_len, num_blocks,
                               block_size)
 
@@ -141,6 +160,7 @@ register_op(
     validate=validate_compact_kv,
     triton=compact_kv_triton,
     cpu=lambda *args: _compact_cpu(_OP, compact_kv_ref_, *args),
+    checked_cpu=lambda *args: _compact_checked(_OP, validate_compact_kv, *args),
     fake=lambda info, *args: None,
 )
 
@@ -221,6 +241,7 @@ register_op(
     validate=validate_compact_kv_layers,
     triton=compact_kv_layers_triton,
     cpu=lambda *args: _compact_cpu(_OP_LAYERS, compact_kv_layers_ref_, *args),
+    checked_cpu=lambda *args: _compact_checked(_OP_LAYERS, validate_compact_kv_layers, *args),
     fake=lambda info, *args: None,
 )
 
@@ -287,7 +308,7 @@ def validate_kv_write(k_cache, v_cache, k, v, slot_mapping):
     inputs = dict(k=k, v=v, slot_mapping=slot_mapping)
     check_no_alias(op, "k_cache", k_cache, dict(v_cache=v_cache, **inputs))
     check_no_alias(op, "v_cache", v_cache, inputs)
-    if T > 0 and _backend.check_values(slot_mapping) and not _native.runs_on(slot_mapping, "_kv_write_cpu"):
+    if T > 0 and _backend.check_values(slot_mapping):
         _check_kv_write_values(slot_mapping, num_blocks * block_size)
 
 
@@ -301,14 +322,30 @@ def _check_kv_write_values(slot_mapping, num_slots):
 
 
 def kv_write_cpu(k_cache, v_cache, k, v, slot_mapping):
-    """CPU kernel: the native walk (``csrc/kv.cpp``: value checks, then the row copies) when built,
-    else ``kv_write_ref_`` (one vectorised index_put per cache)."""
-    if not _native.runs_on(slot_mapping, "_kv_write_cpu"):
+    """CPU kernel (after validation): the native walk (``csrc/kv.cpp``: value checks, then the
+    row copies) when built, else ``kv_write_ref_`` (one vectorised index_put per cache)."""
+    fn = _native.op("_kv_write_cpu") if slot_mapping.device.type == "cpu" else None
+    if fn is None:
         return kv_write_ref_(k_cache, v_cache, k, v, slot_mapping)
-    if not _native.op("_kv_write_cpu")(k_cache, v_cache, k, v, slot_mapping,
-                                       _backend.check_values(slot_mapping)):
+    if fn(k_cache, v_cache, k, v, slot_mapping, _backend.check_values(slot_mapping), False) != 0:
         _check_kv_write_values(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
         _native_disagrees(_OP_WRITE)
+
+
+def _kv_write_checked(k_cache, v_cache, k, v, slot_mapping):
+    """``checked_cpu`` of kv_write_: the native kernel checks metadata and values itself, then
+    writes; ``validate_kv_write`` runs only to name what it rejected (or to decide exactly where
+    two address ranges meet, e.g. caches that are two halves of one allocation)."""
+    fn = _native.op("_kv_write_cpu")
+    if fn is None:
+        return NotImplemented
+    check = _backend.check_values(slot_mapping)
+    if fn(k_cache, v_cache, k, v, slot_mapping, check, True) == 0:
+        return None
+    validate_kv_write(k_cache, v_cache, k, v, slot_mapping)
+    if fn(k_cache, v_cache, k, v, slot_mapping, check, False) != 0:
+        _native_disagrees(_OP_WRITE)
+    return None
 
 
 def kv_write_triton(k_cache, v_cache, k, v, slot_mapping):
@@ -334,6 +371,7 @@ register_op(
     validate=validate_kv_write,
     triton=kv_write_triton,
     cpu=kv_write_cpu,
+    checked_cpu=_kv_write_checked,
     fake=lambda info, *args: None,
 )
 

@@ -182,7 +182,7 @@ def validate_tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mas
     check_shape(_TA, "tree_mask", tree_mask, (B, N, cdiv(N, 32)))
     if not (sm_scale is None or (isinstance(sm_scale, (float, int)) and math.isfinite(sm_scale))):
         fail(_TA, "sm_scale", f"must be a finite float or None, got {sm_scale!r}")
-    if B > 0 and _backend.check_values(seq_lens) and not _native.runs_on(seq_lens, "_tree_attention_cpu"):
+    if B > 0 and _backend.check_values(seq_lens):
         _check_tree_attention_values(block_table, seq_lens, N, num_blocks, block_size)
 
 
@@ -355,17 +355,51 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     B, N, Hq, D = q.shape
     num_blocks, bs, Hkv, _ = k_cache.shape
     scale = default_scale(D) if sm_scale is None else float(sm_scale)
-    if _native.has_op("_tree_attention_cpu"):  # the same maths in one native walk (csrc/tree.cpp)
-        out, status = _native.op("_tree_attention_cpu")(
-            q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale, _FOLD_MAX_ROWS,
-            _backend.check_values(seq_lens) and B > 0)
+    fn = _native.op("_tree_attention_cpu")
+    if fn is not None:  # the same maths in one native walk (csrc/tree.cpp)
+        out, status = fn(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale,
+                         _FOLD_MAX_ROWS, _backend.check_values(seq_lens) and B > 0, False)
         if status == 0:
             return out
         if status == 2:  # a value the checks reject: name it
             _check_tree_attention_values(block_table, seq_lens, N, num_blocks, bs)
-            raise RuntimeError("tree_attention: the native CPU kernel rejected a value that the "
-                               "Python checks accept (a bug: please report it; LORAMIX_NATIVE=0 "
-                               "avoids the native kernels)")
+            _native_disagrees()
+    return _tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale)
+
+
+def _native_disagrees():
+    raise RuntimeError("tree_attention: the native CPU kernel rejected an argument that the Python "
+                       "checks accept (a bug: please report it; LORAMIX_NATIVE=0 avoids the native "
+                       "kernels)")
+
+
+def _tree_attention_checked(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None):
+    """``checked_cpu``: the native kernel checks the metadata and values itself (the Python
+    validator runs only to name a rejected argument), then the fast path; a fallback status runs
+    the PyTorch path below (``_tree_attention_torch``)."""
+    fn = _native.op("_tree_attention_cpu")
+    if fn is None:
+        return NotImplemented
+    args = (q, k_cache, v_cache, block_table, seq_lens, tree_mask)
+    if q.dim() != 4 or not (sm_scale is None or (isinstance(sm_scale, (float, int))
+                                                 and math.isfinite(sm_scale))):
+        validate_tree_attention(*args, sm_scale)  # raises
+    scale = default_scale(q.shape[3]) if sm_scale is None else float(sm_scale)
+    B = q.shape[0]
+    out, status = fn(*args, scale, _FOLD_MAX_ROWS, _backend.check_values(seq_lens) and B > 0, True)
+    if status == 0:
+        return out
+    if status == 2:
+        validate_tree_attention(*args, sm_scale)  # raises naming the argument
+        _native_disagrees()
+    return _tree_attention_torch(*args, scale)
+
+
+def _tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale):
+    """The PyTorch CPU path of ``tree_attention_cpu`` (gather, mask, fused SDPA, careful garbage
+    handling)."""
+    B, N, Hq, D = q.shape
+    num_blocks, bs, Hkv, _ = k_cache.shape
     out = torch.empty(B, N, Hq, D, dtype=q.dtype)
     if out.numel() == 0:
         return out
@@ -469,6 +503,7 @@ register_op(
     triton=tree_attention_triton,
     cpu=tree_attention_cpu,
     fake=_tree_attention_fake,
+    checked_cpu=_tree_attention_checked,
 )
 
 
