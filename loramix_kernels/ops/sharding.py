@@ -34,11 +34,10 @@ import math
 import torch
 
 from .. import _backend
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_no_alias,
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
                        check_shape, check_tensor, check_writable)
 from .._tiles import cdiv
-from ..reference.sharding import (acc_dtype, expand_backward, expand_dense, routed_lora_expand_ref,
-                                  routed_lora_shrink_ref, shrink_backward, shrink_dense)
+from ..reference.sharding import acc_dtype, expand_backward, routed_lora_expand_ref, shrink_backward
 from ._registry import OPS, register_op
 from .routed_lora import (_groups, choose_strategy, decode_shares, kernel_numerics, slice_kwargs,
                           sort_pairs, sorted_block_m, sorted_meta_kwargs)
@@ -57,9 +56,7 @@ def _check_ids(op, expert_ids, T, E, dev):
     if T is not None:
         check(expert_ids.shape[0] == T, op, "expert_ids", f"must be [T={T}, k], got {list(expert_ids.shape)}")
     if _backend.check_values(expert_ids) and expert_ids.numel():
-        # check_index_range's rule and message, with one reduction (aminmax) instead of two
-        mn, mx = (int(v) for v in torch.aminmax(expert_ids))
-        check(-1 <= mn and mx < E, op, "expert_ids", f"entries must lie in [-1, {E}), found range [{mn}, {mx}]")
+        check_index_range(op, "expert_ids", expert_ids, -1, E)
 
 
 def validate_routed_lora_shrink(x, lora_a, expert_ids):
@@ -152,19 +149,22 @@ def _gathered_cpu(T, k, E) -> bool:
     return T * k < E
 
 
+def _shrink_inputs(x, lora_a, expert_ids, acc):
+    """What both shrink forms start from: ``(T, d_in, k, ranks, r_max, clamped ids [T, k],
+    valid-slot mask [T, k, 1], x in acc)``."""
+    T, d_in = x.shape
+    k = expert_ids.shape[1]
+    ranks = [a.shape[1] for a in lora_a]
+    valid, ids = _slots(expert_ids, lora_a[0].shape[0])
+    return T, d_in, k, ranks, max(ranks), ids, valid.view(T, k, 1), x if x.dtype == acc else x.to(acc)
+
+
 def _shrink_gathered(x, lora_a, expert_ids, acc):
     """Per slot: one ``index_select`` of the routed experts' A and one bmm over all slices and
     slots (the k slots of a token read the same x row), invalid slots zeroed by one ``where``."""
-    T, d_in = x.shape
-    k = expert_ids.shape[1]
-    E = lora_a[0].shape[0]
-    ranks = [a.shape[1] for a in lora_a]
-    r_max = max(ranks)
-    valid, ids = _slots(expert_ids, E)
+    T, d_in, k, ranks, r_max, ids, mask, xf = _shrink_inputs(x, lora_a, expert_ids, acc)
     flat = ids.reshape(-1)
-    xf = x if x.dtype == acc else x.to(acc)
     xv = xf.unsqueeze(-1)  # [T, d_in, 1]
-    mask = valid.view(T, k, 1)
     if len(lora_a) == 1 and ranks[0] == r_max:
         a = lora_a[0].index_select(0, flat)
         a = a if a.dtype == acc else a.to(acc)
@@ -182,15 +182,9 @@ def _shrink_gathered(x, lora_a, expert_ids, acc):
 def _shrink_dense_cpu(x, lora_a, expert_ids, acc):
     """``x @ A_cat^T`` over all experts (one GEMM per slice), then a gather of the routed slots;
     an unrouted expert's row is computed but never gathered (isolation), invalid slots zeroed."""
-    T, d_in = x.shape
-    k = expert_ids.shape[1]
+    T, d_in, k, ranks, r_max, ids, mask, xf = _shrink_inputs(x, lora_a, expert_ids, acc)
     E = lora_a[0].shape[0]
-    ranks = [a.shape[1] for a in lora_a]
-    r_max = max(ranks)
-    valid, ids = _slots(expert_ids, E)
     ids = ids.long()[:, :, None]
-    mask = valid.view(T, k, 1)
-    xf = x if x.dtype == acc else x.to(acc)
     single = len(lora_a) == 1 and ranks[0] == r_max
     h = None if single else torch.zeros(len(lora_a), T, k, r_max, dtype=acc, device=x.device)
     for s, (a, r) in enumerate(zip(lora_a, ranks)):
