@@ -185,3 +185,9 @@ def runs_on(t: torch.Tensor, name: str) -> bool:
     from . import _backend
 
     return t.device.type == "cpu" and not _backend.use_triton(t) and has_op(name)
+
+
+def disagrees(op: str):
+    """The error when a native kernel rejected an argument that the op's Python checks accept."""
+    return RuntimeError(f"{op}: the native CPU kernel rejected an argument that the Python checks "
+                        "accept (a bug: please report it; LORAMIX_NATIVE=0 avoids the native kernels)")

@@ -14,7 +14,7 @@ import torch
 
 import loramix_kernels  # noqa: F401
 from loramix_kernels import _backend
-from loramix_kernels.bench.runner import cpu_kernel
+from loramix_kernels.bench.runner import add_cpu_kernel
 from loramix_kernels.ops.routed_lora import (kernel_numerics, slice_kwargs, sort_pairs, sorted_config,
                                              sorted_meta_kwargs)
 from loramix_kernels.reference.routed_lora import (
@@ -104,9 +104,8 @@ def candidates(case, inp):
             "loramix": lambda: torch.ops.loramix.routed_lora_backward(dy, x, A, B, ids, g, 1.0),
             "per_expert": lambda: routed_lora_backward_ref(dy, x, A, B, ids, g, 1.0),
             "dense_torch": lambda: routed_lora_backward_dense(dy, x, A, B, ids, g, 1.0),
-            "cpu_kernel": cpu_kernel("routed_lora_backward", dy, x, A, B, ids, g, 1.0, None),
         }
-        return {name: f for name, f in out.items() if f is not None}
+        return add_cpu_kernel(out, "routed_lora_backward", dy, x, A, B, ids, g, 1.0, None)
     out = {
         "loramix": lambda: torch.ops.loramix.routed_lora(x, A, B, ids, g, 1.0),
         "per_expert": lambda: routed_lora_ref(x, A, B, ids, g, 1.0),
@@ -114,10 +113,7 @@ def candidates(case, inp):
     }
     if _backend.use_triton(x):
         out["two_launch"] = lambda: routed_lora_two_launch(x, A, B, ids, g, 1.0)
-    kernel = cpu_kernel("routed_lora", x, A, B, ids, g, 1.0)
-    if kernel is not None:
-        out["cpu_kernel"] = kernel
-    return out
+    return add_cpu_kernel(out, "routed_lora", x, A, B, ids, g, 1.0)
 
 
 def traffic_bytes(case):

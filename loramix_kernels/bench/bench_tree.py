@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import loramix_kernels  # noqa: F401
-from loramix_kernels.bench.runner import cpu_kernel
+from loramix_kernels.bench.runner import add_cpu_kernel
 from loramix_kernels.reference.tree import (build_tree_ref, dense_tree_mask, flex_tree_block_mask,
                                             gather_kv, tree_attention_flex, tree_attention_sdpa)
 
@@ -84,9 +84,7 @@ def candidates(case, inp):
     q, kc, vc, bt, sl, tm, scale = (inp[k] for k in ("q", "k_cache", "v_cache", "block_table",
                                                      "seq_lens", "tree_mask", "sm_scale"))
     out = {"loramix": lambda: torch.ops.loramix.tree_attention(q, kc, vc, bt, sl, tm, scale)}
-    kernel = cpu_kernel("tree_attention", q, kc, vc, bt, sl, tm, scale)
-    if kernel is not None:
-        out["cpu_kernel"] = kernel
+    add_cpu_kernel(out, "tree_attention", q, kc, vc, bt, sl, tm, scale)
     N, L, G = q.shape[1], inp["max_len"], case["Hq"] // case["Hkv"]
     try:  # the baselines' inputs may not fit in memory at the largest shapes
         k, v = gather_kv(kc, vc, bt, sl, L)

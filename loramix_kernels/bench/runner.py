@@ -487,15 +487,15 @@ if __name__ == "__main__":
     main()
 
 
-def cpu_kernel(name, *args):
-    """A candidate calling op ``name``'s CPU kernel directly (``OPS[name].cpu``: no dispatcher, no
-    validation), or None where the op would not run it (CUDA tensors, the interpreter switch).
-    Next to the op's own row it measures the per-call host overhead."""
+def add_cpu_kernel(candidates: dict, name, *args) -> dict:
+    """``candidates`` plus, where the op runs its CPU kernel (CPU tensors, not the interpreter
+    switch), ``"cpu_kernel"``: op ``name``'s CPU kernel called directly (``OPS[name].cpu``: no
+    dispatcher, no validation). Next to the op's own row it measures the per-call host overhead."""
     from .. import _backend
     from ..ops._registry import OPS
 
     t = next(a for a in args if isinstance(a, torch.Tensor))
-    if t.device.type != "cpu" or _backend.use_triton(t):
-        return None
-    kernel = OPS[name].cpu
-    return lambda: kernel(*args)
+    if t.device.type == "cpu" and not _backend.use_triton(t):
+        kernel = OPS[name].cpu
+        candidates["cpu_kernel"] = lambda: kernel(*args)
+    return candidates

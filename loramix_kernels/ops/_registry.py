@@ -53,7 +53,7 @@ class OpDef:
 
     @property
     def op(self) -> torch._ops.OpOverload:
-        return getattr(torch.ops.loramix, self.name).default
+        return self.overload
 
     def __call__(self, *args):
         """Run the op (what the public functions do). In eager mode with grad disabled (inference),

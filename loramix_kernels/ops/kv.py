@@ -21,11 +21,6 @@ from ._registry import register_op
 _OP = "compact_kv_"
 
 
-def _native_disagrees(op):
-    raise RuntimeError(f"{op}: the native CPU kernel rejected a value that the Python checks accept "
-                       "(a bug: please report it; LORAMIX_NATIVE=0 avoids the native kernels)")
-
-
 def _compact_cpu(op, ref, k_cache, v_cache, block_table, seq_lens, accept_index, accept_len):
     """CPU kernel of compact_kv_ / compact_kv_layers_ (after validation): the native walk (value
     checks, then the row moves of every layer) when built, else the vectorised gather-then-scatter
@@ -38,7 +33,7 @@ def _compact_cpu(op, ref, k_cache, v_cache, block_table, seq_lens, accept_index,
           op == _OP_LAYERS) != 0:
         _check_compact_values(op, block_table, seq_lens, accept_index, accept_len,
                               *k_cache.shape[-4:-2])
-        _native_disagrees(op)
+        raise _native.disagrees(op)
 
 
 def _compact_checked(op, validate, *args):
@@ -53,7 +48,7 @@ def _compact_checked(op, validate, *args):
         return None
     validate(*args)  # raises naming the argument, unless the caches only share an allocation
     if fn(*args, check, False, layers) != 0:
-        _native_disagrees(op)
+        raise _native.disagrees(op)
     return None
 
 
@@ -329,7 +324,7 @@ def kv_write_cpu(k_cache, v_cache, k, v, slot_mapping):
         return kv_write_ref_(k_cache, v_cache, k, v, slot_mapping)
     if fn(k_cache, v_cache, k, v, slot_mapping, _backend.check_values(slot_mapping), False) != 0:
         _check_kv_write_values(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
-        _native_disagrees(_OP_WRITE)
+        raise _native.disagrees(_OP_WRITE)
 
 
 def _kv_write_checked(k_cache, v_cache, k, v, slot_mapping):
@@ -344,7 +339,7 @@ def _kv_write_checked(k_cache, v_cache, k, v, slot_mapping):
         return None
     validate_kv_write(k_cache, v_cache, k, v, slot_mapping)
     if fn(k_cache, v_cache, k, v, slot_mapping, check, False) != 0:
-        _native_disagrees(_OP_WRITE)
+        raise _native.disagrees(_OP_WRITE)
     return None
 
 

@@ -352,47 +352,47 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     """
     if q.device.type != "cpu":  # LORAMIX_BACKEND=reference on CUDA tensors (a debugging aid)
         return tree_attention_ref(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
-    B, N, Hq, D = q.shape
-    num_blocks, bs, Hkv, _ = k_cache.shape
-    scale = default_scale(D) if sm_scale is None else float(sm_scale)
+    scale = default_scale(q.shape[3]) if sm_scale is None else float(sm_scale)
+    out = _tree_attention_native(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale,
+                                 check_meta=False, name=lambda: _check_tree_attention_values(
+                                     block_table, seq_lens, q.shape[1], *k_cache.shape[:2]))
+    if out is None:
+        return _tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale)
+    return out
+
+
+def _tree_attention_native(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale, *,
+                           check_meta, name):
+    """The native fast path (csrc/tree.cpp): its output, or None when the PyTorch path must run
+    (no native extension, or its fallback status). A rejected argument: ``name()`` raises naming
+    it (the Python checks)."""
     fn = _native.op("_tree_attention_cpu")
-    if fn is not None:  # the same maths in one native walk (csrc/tree.cpp)
-        out, status = fn(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale,
-                         _FOLD_MAX_ROWS, _backend.check_values(seq_lens) and B > 0, False)
-        if status == 0:
-            return out
-        if status == 2:  # a value the checks reject: name it
-            _check_tree_attention_values(block_table, seq_lens, N, num_blocks, bs)
-            _native_disagrees()
-    return _tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale)
-
-
-def _native_disagrees():
-    raise RuntimeError("tree_attention: the native CPU kernel rejected an argument that the Python "
-                       "checks accept (a bug: please report it; LORAMIX_NATIVE=0 avoids the native "
-                       "kernels)")
+    if fn is None:
+        return None
+    out, status = fn(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale, _FOLD_MAX_ROWS,
+                     _backend.check_values(seq_lens) and q.shape[0] > 0, check_meta)
+    if status == 0:
+        return out
+    if status == 2:
+        name()
+        raise _native.disagrees(_TA)
+    return None
 
 
 def _tree_attention_checked(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale=None):
     """``checked_cpu``: the native kernel checks the metadata and values itself (the Python
     validator runs only to name a rejected argument), then the fast path; a fallback status runs
     the PyTorch path below (``_tree_attention_torch``)."""
-    fn = _native.op("_tree_attention_cpu")
-    if fn is None:
+    if _native.op("_tree_attention_cpu") is None:
         return NotImplemented
     args = (q, k_cache, v_cache, block_table, seq_lens, tree_mask)
     if q.dim() != 4 or not (sm_scale is None or (isinstance(sm_scale, (float, int))
                                                  and math.isfinite(sm_scale))):
         validate_tree_attention(*args, sm_scale)  # raises
     scale = default_scale(q.shape[3]) if sm_scale is None else float(sm_scale)
-    B = q.shape[0]
-    out, status = fn(*args, scale, _FOLD_MAX_ROWS, _backend.check_values(seq_lens) and B > 0, True)
-    if status == 0:
-        return out
-    if status == 2:
-        validate_tree_attention(*args, sm_scale)  # raises naming the argument
-        _native_disagrees()
-    return _tree_attention_torch(*args, scale)
+    out = _tree_attention_native(*args, scale, check_meta=True,
+                                 name=lambda: validate_tree_attention(*args, sm_scale))
+    return _tree_attention_torch(*args, scale) if out is None else out
 
 
 def _tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale):
