@@ -10,6 +10,8 @@
 // early-exit candidates of Mirror-SD: a handful); the Python op uses the PyTorch path above
 // kMaxK.
 
+#include "direct.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/all.h>
@@ -61,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> lm_head_topk_cpu(const at::Tensor& hidden,
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
     const int64_t c = std::min(chunk, V - v0);
-    at::Tensor w = weight.narrow(0, v0, c);
+    at::Tensor w = c == V ? weight : weight.narrow(0, v0, c);  // a view costs a microsecond
     if (w.scalar_type() != at::kFloat) w = w.to(at::kFloat);
     const at::Tensor logits = at::mm(h, w.t()).contiguous();
     const float* lp = logits.data_ptr<float>();
@@ -90,6 +92,30 @@ std::tuple<at::Tensor, at::Tensor> lm_head_topk_cpu(const at::Tensor& hidden,
   }
   return {values, indices};
 }
+
+// Largest k of this kernel (a sorted insertion per row, O(V k) worst case); must match
+// loramix_kernels/ops/lm_head.py, NATIVE_MAX_K.
+constexpr int64_t kMaxK = 64;
+
+using TopkSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t);
+
+// The direct kernel of loramix::lm_head_topk (csrc/direct.h): the Python validator's checks, then
+// the kernel above; anything else goes to the Python kernel.
+std::tuple<at::Tensor, at::Tensor> lm_head_topk_direct(const at::Tensor& hidden,
+                                                       const at::Tensor& weight, int64_t k) {
+  if (!direct::delegating().load(std::memory_order_relaxed) && direct::plain(hidden, 2) &&
+      direct::plain(weight, 2) && direct::is_half_or_float(hidden) &&
+      weight.scalar_type() == hidden.scalar_type() && weight.size(1) == hidden.size(1) &&
+      k >= 1 && k <= weight.size(0) && k <= kMaxK) {
+    return lm_head_topk_cpu(hidden, weight, k);
+  }
+  static const auto python = direct::python_kernel<TopkSig>("lm_head_topk");
+  return direct::delegate(python, hidden, weight, k);
+}
+
+const direct::Add kDirect("lm_head_topk", [](torch::Library& m) {
+  m.impl("lm_head_topk", &lm_head_topk_direct);
+});
 
 }  // namespace
 

@@ -10,6 +10,8 @@
 // `renormalize`, divided by their sum. fp16 / bf16 / fp32 logits; fp64 (gradcheck) stays in
 // PyTorch.
 
+#include "direct.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/all.h>
@@ -65,6 +67,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& 
   });
   return {gates, ids, probs};
 }
+
+// Must match loramix_kernels/ops/routing.py, MAX_EXPERTS.
+constexpr int64_t kMaxExperts = 1024;
+
+using RouteSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, bool);
+
+// The direct kernel of loramix::route_topk (csrc/direct.h): the Python validator's checks, then
+// the kernel above; fp64 logits (gradcheck) and anything else go to the Python kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_topk_direct(const at::Tensor& logits,
+                                                                 int64_t k, bool renormalize) {
+  if (!direct::delegating().load(std::memory_order_relaxed) && direct::plain(logits, 2) &&
+      direct::is_half_or_float(logits) && logits.size(1) >= 1 && logits.size(1) <= kMaxExperts &&
+      k >= 1 && k <= logits.size(1)) {
+    return route_topk_cpu(logits, k, renormalize);
+  }
+  static const auto python = direct::python_kernel<RouteSig>("route_topk");
+  return direct::delegate(python, logits, k, renormalize);
+}
+
+const direct::Add kDirect("route_topk", [](torch::Library& m) {
+  m.impl("route_topk", &route_topk_direct);
+});
 
 }  // namespace
 

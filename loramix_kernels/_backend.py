@@ -33,6 +33,15 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _validate_cuda_values = os.environ.get("LORAMIX_VALIDATE", "0") == "1"
 
 
+#: Called after the backend changes (``use_backend``): the native direct kernels follow it.
+_on_change: list = []
+
+
+def _changed() -> None:
+    for f in _on_change:
+        f()
+
+
 def backend() -> str:
     """The selected backend: ``use_backend``'s, else ``LORAMIX_BACKEND`` (default ``auto``)."""
     global _backend
@@ -63,10 +72,12 @@ def use_backend(name: str):
                 "under the interpreter: set TRITON_INTERPRET=1 before importing loramix_kernels")
     old = backend()
     _backend = name
+    _changed()
     try:
         yield
     finally:
         _backend = old
+        _changed()
 
 
 def _require_triton() -> None:

@@ -34,6 +34,7 @@ from types import ModuleType
 
 import torch
 
+from . import _backend
 from ._backend import warn_once
 
 NAME = f"{__package__}._C"
@@ -56,6 +57,11 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "loramix_kernels"
+
+
+def _sources(src: Path) -> list[Path]:
+    """Every file the build reads: the .cpp files and the headers they include."""
+    return sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
 
 
 def build_dir(sources: list[Path]) -> Path:
@@ -90,7 +96,7 @@ def _prebuilt() -> tuple[ModuleType | None, str]:
     src = _PKG.parent / "csrc"
     if not (_PKG / "csrc").is_dir() and src.is_dir():  # a source checkout: is the build current?
         built = os.path.getmtime(spec.origin)
-        if any(os.path.getmtime(s) > built for s in src.glob("*.cpp")):
+        if any(os.path.getmtime(s) > built for s in _sources(src)):
             return None, f"{spec.origin} is older than csrc/ (rebuild: pip install --no-build-isolation -e .)"
     try:
         return importlib.import_module(NAME), ""
@@ -113,7 +119,7 @@ def _compile(why_not_prebuilt: str) -> tuple[ModuleType | None, str]:
     if not cpp_extension.is_ninja_available():
         return None, f"{why_not_prebuilt}, and ninja, needed to build it, is missing (pip install ninja)"
     sources = sorted(src.glob("*.cpp"))
-    build = build_dir(sources)
+    build = build_dir(_sources(src))
     done, failed = build / "built.txt", build / "failed.txt"
     if done.is_file():
         try:
@@ -182,9 +188,48 @@ def runs_on(t: torch.Tensor, name: str) -> bool:
     """Whether an op's CPU kernel runs the native op ``name`` for tensors like ``t``: CPU tensors
     not routed to Triton's interpreter (``LORAMIX_BACKEND=triton``), extension built. Such ops make
     their value checks inside the native walk instead of in the validator's vectorised torch."""
-    from . import _backend
-
     return t.device.type == "cpu" and not _backend.use_triton(t) and has_op(name)
+
+
+# Direct CPU kernels (csrc/direct.h): C++ kernels registered for a public op's CPU key.
+_direct_enabled = True
+
+
+def install_direct(name: str) -> bool:
+    """Register the direct CPU kernel of public op ``name`` (defined, with its Python kernel as
+    ``loramix::_<name>_py``, by ``ops/_registry.py``); False when this build has none."""
+    install = op("_direct_install")
+    if install is None or not install(name):
+        return False
+    sync_direct()
+    return True
+
+
+def sync_direct() -> None:
+    """Tell the direct kernels whether to hand every call to the Python kernel: while they are
+    switched off (:func:`set_direct`) or CPU tensors must run the Triton kernels under the
+    interpreter (``LORAMIX_BACKEND=triton``; an invalid value is left to the Python kernel to
+    report). Called at install and whenever the backend changes."""
+    delegate = op("_direct_delegate")
+    if delegate is None:
+        return
+    try:
+        triton_on_cpu = _backend.INTERPRET and _backend.backend() == "triton"
+    except ValueError:
+        triton_on_cpu = True
+    delegate(not _direct_enabled or triton_on_cpu)
+
+
+def set_direct(enabled: bool) -> bool:
+    """Switch the direct CPU kernels on or off (tests: off runs the Python kernel, as without the
+    extension); returns the previous setting."""
+    global _direct_enabled
+    old, _direct_enabled = _direct_enabled, bool(enabled)
+    sync_direct()
+    return old
+
+
+_backend._on_change.append(sync_direct)
 
 
 def disagrees(op: str):

@@ -30,11 +30,13 @@ pytestmark = pytest.mark.skipif(not all(_native.has_op(n) for n in NATIVE_OPS),
 def without_native():
     """The plain-PyTorch CPU kernels, as without the extension."""
     mp = pytest.MonkeyPatch()
+    direct = _native.set_direct(False)  # the ops' direct C++ CPU kernels hand calls to Python
     mp.setattr(_native, "op", lambda name: None)
     try:
         yield
     finally:
         mp.undo()
+        _native.set_direct(direct)
 
 
 def both(fn):
@@ -131,3 +133,115 @@ def test_lm_head_topk_and_route_topk_native_equal_torch():
         a, b = both(lambda: route_topk(logits, 3, renorm))
         assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
         torch.testing.assert_close(a[0], b[0], atol=0, rtol=2.4e-7)
+
+
+# --- direct kernels (csrc/direct.h): C++ kernels on the public ops' CPU key -------------------
+
+DIRECT_OPS = ("lm_head_topk", "route_topk")
+
+
+@contextlib.contextmanager
+def python_kernel_calls():
+    """Collects the op names whose Python kernel (``ops/_registry.py``'s ``impl``) ran."""
+    import sys
+
+    from loramix_kernels.ops import _registry
+
+    calls = []
+
+    def hook(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_name == "impl" and code.co_filename == _registry.__file__:
+            calls.append(type(frame.f_locals["args"][0]).__name__)
+
+    old = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(old)
+
+
+@pytest.mark.parametrize("name", DIRECT_OPS)
+def test_direct_kernel_is_the_cpu_kernel(name):
+    table = torch._C._dispatch_dump_table(f"loramix::{name}")
+    cpu = next(line for line in table.splitlines() if line.startswith("CPU:"))
+    assert "direct.cpp" in cpu, cpu
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"loramix::_{name}_py", "CPU")
+
+
+def test_direct_calls_stay_in_cpp_and_hand_over_the_rest():
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(3, 16, generator=g), torch.randn(100, 16, generator=g)
+    logits = torch.randn(4, 8, generator=g)
+    with reference_path():
+        with python_kernel_calls() as calls:
+            v, i = lm_head_topk(h, w, 5)
+            strided_out = lm_head_topk(strided(h), strided(w), 5)
+            route_topk(logits, 2, True)
+            route_topk(strided(logits), 2, False)
+        assert calls == []  # every call above ran in C++
+        assert torch.equal(strided_out[1], i)  # (a strided GEMM may round differently)
+        torch.testing.assert_close(strided_out[0], v)
+        want = torch.topk(h @ w.T, 5)
+        assert torch.equal(i, want.indices)
+        torch.testing.assert_close(v, want.values)
+        with python_kernel_calls() as calls:
+            lm_head_topk(h, w, 65)  # above the native kernel's k: the chunked torch kernel
+            route_topk(logits.double(), 2, True)  # fp64 (gradcheck): the reference
+            with pytest.raises(ValueError, match=r"lm_head_topk: k must lie in \[1, V=100\], got 0"):
+                lm_head_topk(h, w, 0)
+            with pytest.raises(TypeError, match="lm_head_topk: weight must have dtype"):
+                lm_head_topk(h, w.double(), 2)
+            with pytest.raises(ValueError, match="lm_head_topk: weight must have shape"):
+                lm_head_topk(h, w[:, :8], 2)
+            with pytest.raises(ValueError, match="route_topk: logits must have 2 dimensions"):
+                route_topk(logits[0], 2, False)
+            with pytest.raises(ValueError, match="route_topk: logits must have at most 1024"):
+                route_topk(torch.randn(1, 1025), 2, False)
+        assert calls == ["Tensor"] * 7
+
+
+def test_direct_kernels_follow_the_backend_and_the_switch():
+    from tests.common import triton_path
+
+    h, w = torch.randn(2, 16), torch.randn(40, 16)
+    with reference_path(), python_kernel_calls() as calls:
+        lm_head_topk(h, w, 3)
+        old = _native.set_direct(False)
+        try:
+            lm_head_topk(h, w, 3)  # switched off: the Python kernel
+        finally:
+            _native.set_direct(old)
+        lm_head_topk(h, w, 3)
+    assert calls == ["Tensor"]
+    from loramix_kernels import _backend
+
+    if _backend.INTERPRET and _backend.HAS_TRITON:
+        with triton_path(), python_kernel_calls() as calls:
+            lm_head_topk(h, w, 3)  # the test switch: CPU tensors take the Triton kernel
+            with reference_path():
+                lm_head_topk(h, w, 3)
+            lm_head_topk(h, w, 3)
+        assert calls == ["Tensor", "Tensor"]
+
+
+def test_route_topk_direct_under_autograd():
+    """Autograd's Python kernel redispatches to the direct kernel: same values and gradients."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 8, generator=g)
+
+    def run():
+        x = logits.clone().requires_grad_(True)
+        gates, ids, probs = route_topk(x, 3, True)
+        (gates * torch.arange(3.0)).sum().add((probs ** 2).sum()).backward()
+        return gates.detach(), ids, x.grad
+
+    a, b = both(run)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    with reference_path():
+        x = logits.clone()
+        out = route_topk(x, 3, False)  # no input requires grad: autograd's kernel is skipped
+        assert not any(t.requires_grad for t in out)
+        out = route_topk(x.requires_grad_(True), 3, False)
+        assert out[0].requires_grad and out[2].requires_grad

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import _backend
+from .. import _backend, _native
 
 #: The ``loramix`` namespace. A fragment, so that the native extension (csrc/) can add its private
 #: CPU ops to the same namespace with TORCH_LIBRARY_FRAGMENT.
@@ -56,13 +56,27 @@ class OpDef:
         return self.overload
 
     def __call__(self, *args):
-        """Run the op (what the public functions do). In eager mode with grad disabled (inference),
-        a differentiable op skips torch.library's Python autograd kernel, which would only
-        redispatch below autograd: the same result, about 5 us less per call."""
-        if self.differentiable and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        """Run the op (what the public functions do). In eager mode, when no gradient can flow
+        (grad disabled, or no tensor argument requires grad), a differentiable op skips
+        torch.library's Python autograd kernel, which would only redispatch below autograd: the
+        same result, about 5 us less per call."""
+        if (self.differentiable and not (torch.is_grad_enabled() and _requires_grad(args))
+                and not torch.compiler.is_compiling()):
             with torch._C._AutoDispatchBelowAutograd():
                 return self.overload(*args)
         return self.overload(*args)
+
+
+def _requires_grad(args) -> bool:
+    """Whether a tensor among ``args`` (or in a list among them) requires grad."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)):
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
+                return True
+    return False
 
 
 #: Every registered op by name, in registration order.
@@ -81,6 +95,7 @@ def register_op(
     setup_context: Callable | None = None,
     autocast: Sequence[int] = (),
     checked_cpu: Callable | None = None,
+    direct_cpu: bool = False,
 ) -> OpDef:
     """Define ``loramix::<name><schema>`` and register its kernels.
 
@@ -113,6 +128,12 @@ def register_op(
         decode sizes) and computes; it calls ``validate`` only to name a rejected argument.
         Returns ``NotImplemented`` when it cannot run (no native extension): then ``validate`` +
         ``cpu`` run as for every op.
+    direct_cpu
+        The native extension has a direct CPU kernel for this op (``csrc/direct.h``): a C++
+        kernel on the op's CPU key that checks the arguments itself and computes, so a CPU call
+        never enters Python. It hands what it does not take (an argument to reject, a case its
+        fast path lacks, the interpreter test switch) to the Python kernel, registered as
+        ``loramix::_<name>_py``. Without the extension the Python kernel is the CPU kernel.
     """
     qualname = f"loramix::{name}"
     LIB.define(name + schema)
@@ -132,7 +153,13 @@ def register_op(
 
     # Plain Library.impl (not torch.library.register_kernel, whose dynamo-disable wrapper costs a
     # microsecond or two per call): custom ops are opaque to torch.compile either way.
-    for key in ("CPU", "CUDA"):
+    keys = ["CPU", "CUDA"]
+    if direct_cpu and _native.load() is not None:
+        LIB.define(f"_{name}_py" + schema)
+        LIB.impl(f"_{name}_py", impl, "CPU")
+        if _native.install_direct(name):
+            keys.remove("CPU")
+    for key in keys:
         LIB.impl(name, impl, key)
     torch.library.register_fake(qualname, lambda *args: fake(validate(*args), *args), lib=LIB)
     if backward is not None:

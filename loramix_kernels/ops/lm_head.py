@@ -122,7 +122,7 @@ def _fake(info, hidden, weight, k):
     return (hidden.new_empty(M, k, dtype=torch.float32), hidden.new_empty(M, k, dtype=torch.long))
 
 
-register_op(
+_LM_HEAD_TOPK = register_op(
     "lm_head_topk",
     "(Tensor hidden, Tensor weight, int k) -> (Tensor values, Tensor indices)",
     validate=validate_lm_head_topk,
@@ -131,6 +131,7 @@ register_op(
     fake=_fake,
     # in an autocast region the head runs in the region's dtype, like F.linear
     autocast=(0, 1),
+    direct_cpu=True,
 )
 
 
@@ -174,4 +175,4 @@ def lm_head_topk(hidden, weight, k):
     >>> values.tolist(), indices.tolist()
     ([[3.0, 1.0], [2.0, 0.0]], [[3, 0], [1, 0]])
     """
-    return torch.ops.loramix.lm_head_topk(hidden, weight, k)
+    return _LM_HEAD_TOPK(hidden, weight, k)

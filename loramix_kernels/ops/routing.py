@@ -113,6 +113,7 @@ _ROUTE_TOPK = register_op(
     fake=_route_topk_fake,
     backward=_backward,
     setup_context=_setup_context,
+    direct_cpu=True,
 )
 
 
