@@ -50,6 +50,8 @@ class OpDef:
     mutates: tuple[int, ...]
     #: ``torch.ops.loramix.<name>.default``.
     overload: torch._ops.OpOverload = dataclasses.field(repr=False, compare=False, default=None)
+    #: Whether its CPU key runs a direct C++ kernel (``direct_cpu``, the extension built).
+    direct: bool = False
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -154,10 +156,12 @@ def register_op(
     # Plain Library.impl (not torch.library.register_kernel, whose dynamo-disable wrapper costs a
     # microsecond or two per call): custom ops are opaque to torch.compile either way.
     keys = ["CPU", "CUDA"]
+    direct = False
     if direct_cpu and _native.load() is not None:
         LIB.define(f"_{name}_py" + schema)
         LIB.impl(f"_{name}_py", impl, "CPU")
-        if _native.install_direct(name):
+        direct = _native.install_direct(name)
+        if direct:
             keys.remove("CPU")
     for key in keys:
         LIB.impl(name, impl, key)
@@ -167,7 +171,7 @@ def register_op(
     for device_type in ("cpu", "cuda") if autocast else ():
         _register_autocast(name, device_type, tuple(autocast))
     d = OpDef(name, schema, validate, triton, cpu, fake, backward is not None, mutates,
-              getattr(torch.ops.loramix, name).default)
+              getattr(torch.ops.loramix, name).default, direct)
     OPS[name] = d
     return d
 
