@@ -225,44 +225,48 @@ def _slot_weights(valid, gates, scaling, acc):
 
 
 def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out=None, all_valid=False):
-    """Per slice: one ``index_select`` of the routed slots' B, one bmm per slot row, invalid
-    slots zeroed by one ``where`` (an unrouted expert is never read: isolation; no ``where``
-    when ``all_valid``), and one batched product with the slot weights that also sums a token's
-    k slots. Returns y ``[T, sum n_s]`` in acc; with ``out`` (in acc), adds into it instead
-    (``baddbmm_`` on its column slices: the weighted sum and the add in one op) and returns
-    None."""
+    """Per slice: one ``index_select`` of the routed slots' B, transposed (``[T*k, r, n]``: a
+    token's k slots side by side, ``[k*r, n]``), its invalid slots' rows and h zeroed (an
+    unrouted expert is never used: isolation; nothing to zero when ``all_valid``), one bmm per token
+    row with the weighted h ``scaling * g_j * h_j`` (``[1, k*r]``), which also sums the token's k
+    slots. One batch per token: at decode (T = 1) no op of this form runs a parallel region
+    (a batch of T * k would: with 2 threads on a busy machine, a stall of milliseconds). Returns
+    y ``[T, sum n_s]`` in acc; with ``out`` (in acc), adds into it instead (``baddbmm_`` on its
+    column slices) and returns None."""
     T, k = expert_ids.shape
     E = lora_b[0].shape[0]
     valid, ids = _slots(expert_ids, E, all_valid)
     flat = ids.reshape(-1)
-    w = _slot_weights(valid, gates, scaling, acc).unsqueeze(1)  # [T, 1, k]
-    mask = None if valid is None else valid.view(T, k, 1)
+    w = _slot_weights(valid, gates, scaling, acc).unsqueeze(-1)  # [T, k, 1]
+    invalid = None if valid is None else ~valid
     hf = h if h.dtype == acc else h.to(acc)
     r_max = h.shape[3]
     outs, col = [], 0
     for s, b in enumerate(lora_b):
         n, r = b.shape[1], b.shape[2]
-        bs = b.index_select(0, flat)
-        hs = hf[s] if r == r_max else hf[s, :, :, :r]
-        z = torch.bmm(bs if bs.dtype == acc else bs.to(acc), hs.reshape(T * k, r, 1)).view(T, k, n)
-        if mask is not None:
-            z = torch.where(mask, z, 0)
+        bt = b.transpose(1, 2).index_select(0, flat)  # [T*k, r, n]
+        bt = bt if bt.dtype == acc else bt.to(acc)
+        hw = (hf[s] if r == r_max else hf[s, :, :, :r]) * w  # [T, k, r]
+        if invalid is not None:  # both factors: 0 * inf of either would be NaN
+            bt.masked_fill_(invalid.reshape(T * k, 1, 1), 0)
+            hw.masked_fill_(invalid.unsqueeze(-1), 0)
+        hw = hw.reshape(T, 1, k * r)
         if out is not None:
             o = out if len(lora_b) == 1 else out.narrow(1, col, n)
-            o.unsqueeze(1).baddbmm_(w, z)
+            o.unsqueeze(1).baddbmm_(hw, bt.view(T, k * r, n))
             col += n
         else:
-            outs.append(torch.bmm(w, z).view(T, n))
+            outs.append(torch.bmm(hw, bt.view(T, k * r, n)).view(T, n))
     return None if out is not None else outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid=False):
     """The dense masked form: the weighted h scattered onto per-expert rows ``[T, E (+ 1), r]``
-    (column E takes the invalid slots; none when ``all_valid``), then per slice either one GEMM
-    over the experts' rows ``[T, E*r] @ [E*r, n]`` (B repacked once; T > r) or one bmm over the
-    experts with B read in place, summed over experts (T <= r: the ``[E, T, n]`` intermediate is
-    smaller than the repack). None if not finite (0 * inf of an expert a token does not use):
-    the caller redoes it per slot."""
+    (column E takes the invalid slots; none when ``all_valid``), then per slice one GEMM over
+    the experts' rows ``[T, E*r] @ [E*r, n]`` (B repacked to ``[n, E*r]``, ``E*n*r`` elements:
+    less than a bmm over the experts' ``[E, T, n]`` partial outputs as soon as T > r, and no
+    parallel region per expert at small T). None if not finite (0 * inf of an expert a token does
+    not use): the caller redoes it per slot."""
     T, k = expert_ids.shape
     E = lora_b[0].shape[0]
     valid, ids = _slots(expert_ids, E, all_valid)
@@ -275,12 +279,8 @@ def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid=Fals
         n, r = b.shape[1], b.shape[2]
         he = torch.zeros(T, cols, r, dtype=acc, device=h.device).scatter_add_(
             1, idx.expand(T, k, r), hf[s, :, :, :r] * w)[:, :E]
-        b = b if b.dtype == acc else b.to(acc)
-        if T > r:
-            y = torch.mm(he.reshape(T, E * r), b.permute(1, 0, 2).reshape(n, E * r).t())
-        else:
-            y = torch.bmm(he.transpose(0, 1), b.transpose(1, 2)).sum(0)  # [T, n]
-        outs.append(y)
+        b_cat = b.permute(1, 0, 2).reshape(n, E * r)
+        outs.append(torch.mm(he.reshape(T, E * r), (b_cat if b_cat.dtype == acc else b_cat.to(acc)).t()))
     y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return y if math.isfinite(y.sum().item()) else None
 
