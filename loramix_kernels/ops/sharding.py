@@ -582,6 +582,22 @@ register_op(
 # ------------------------------------------------------------------------------------------
 
 
+def _run(d, args, inputs):
+    """``d(*args)`` for an op ``d`` of :data:`OPS`, in eager mode below its autograd kernel when no
+    input requires grad: that kernel would only redispatch (about 5 us per call at decode), and
+    the output requires no grad either way. ``OpDef.__call__`` does the same with grad
+    disabled."""
+    if not torch.compiler.is_compiling() and torch.is_grad_enabled():
+        try:
+            grad = any(t.requires_grad for t in inputs)
+        except AttributeError:  # not a tensor: the dispatcher names it
+            grad = True
+        if not grad:
+            with torch._C._AutoDispatchBelowAutograd():
+                return d.overload(*args)
+    return d(*args)
+
+
 def routed_lora_shrink(x, lora_a, expert_ids):
     """First half of :func:`routed_lora`: ``h[s, t, j, :r_s] = lora_a[s][e] @ x[t]`` for each routed
     slot ``e = expert_ids[t, j]`` (``-1``: empty slot, zeros; columns past ``r_s`` are zero).
@@ -610,7 +626,8 @@ def routed_lora_shrink(x, lora_a, expert_ids):
     >>> h.shape, h.dtype, h[0, 1, 1].abs().sum().item(), h[0, 0, 0, 2].item()
     (torch.Size([2, 3, 2, 3]), torch.float32, 0.0, 0.0)
     """
-    return OPS["routed_lora_shrink"](x, list(lora_a), expert_ids)
+    lora_a = list(lora_a)
+    return _run(OPS["routed_lora_shrink"], (x, lora_a, expert_ids), (x, *lora_a))
 
 
 def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
@@ -634,7 +651,7 @@ def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
     >>> torch.allclose(y1, y2, atol=1e-5)
     True
     """
-    torch.ops.loramix.routed_lora_expand_(out, h, list(lora_b), expert_ids, gates, float(scaling))
+    OPS["routed_lora_expand_"].overload(out, h, list(lora_b), expert_ids, gates, float(scaling))
     return out
 
 
@@ -652,4 +669,5 @@ def routed_lora_expand(h, lora_b, expert_ids, gates, scaling=1.0):
     >>> torch.allclose(y, routed_lora(x, A, B, ids, g, 0.5), atol=1e-5)
     True
     """
-    return OPS["routed_lora_expand"](h, list(lora_b), expert_ids, gates, float(scaling))
+    lora_b = list(lora_b)
+    return _run(OPS["routed_lora_expand"], (h, lora_b, expert_ids, gates, float(scaling)), (h, *lora_b, gates))
