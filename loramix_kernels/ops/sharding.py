@@ -11,12 +11,16 @@ Validators ``validate_routed_lora_shrink``, ``validate_routed_lora_expand`` (fun
 ``validate_routed_lora_expand_inplace`` (``routed_lora_expand_``: the ladder's ``<op>`` drops the
 trailing underscore, which would give the functional op's name, hence the suffix; the same for
 its ``*_inplace_cpu`` / ``*_inplace_triton``). Launchers: the expert-sorted Triton kernels of
-``kernels/sharding.py`` (one launch per group of <= 3 slices, no host sync, any strides). CPU: the
-dense masked GEMM forms of ``reference/sharding.py`` where routed_lora would run dense (small E*r
-or dense routing), else the per-slot gather + bmm reference. Backward: the dense masked GEMM forms
-(a few GEMMs over ``[T, E*r]`` per-expert rows, no host sync) on every device. Precision: fp32
-accumulation everywhere (float64 inputs: float64, on the PyTorch kernels); h is fp32 (float64 for
-float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 / fp32
+``kernels/sharding.py`` (one launch per group of <= 3 slices, no host sync, any strides). CPU
+(PyTorch, a few ops per call, no loop over tokens, slots or experts): a fast entry (the
+registry's ``checked_cpu``: the validator's checks as plain comparisons, the ids' range read once,
+unmasked kernels when no slot is empty; anything else goes to the validator, which names the
+error) and two forms: the routed slots' weights gathered, one bmm per token, when fewer slots
+than experts are routed (decode), else one GEMM over all experts' rows plus a gather / scatter
+(``python -m loramix_kernels.bench sharding`` compares them with the per-slot reference).
+Backward: the dense masked GEMM forms (a few GEMMs over ``[T, E*r]`` per-expert rows, no host
+sync) on every device. Precision: fp32 accumulation everywhere (float64 inputs: float64, on the
+PyTorch kernels); h is fp32 (float64 for float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 / fp32
 weights and keeps it fp32 for fp16, as routed_lora does; ``out += y`` is formed in fp32 and rounded
 once. Deterministic mode (``set_deterministic``): the expand with k > 1 adds a token's slots with
 fp32 atomics, so it runs the PyTorch dense form instead. Isolation: the forward kernels read only
@@ -670,4 +674,5 @@ def routed_lora_expand(h, lora_b, expert_ids, gates, scaling=1.0):
     True
     """
     lora_b = list(lora_b)
-    return _run(OPS["routed_lora_expand"], (h, lora_b, expert_ids, gates, float(scaling)), (h, *lora_b, gates))
+    args = (h, lora_b, expert_ids, gates, float(scaling))
+    return _run(OPS["routed_lora_expand"], args, (h, *lora_b, gates))
