@@ -250,7 +250,7 @@ def test_cpu_fast_entry_matches_reference(T, d_in, rn, E, k, dtype, idx_dtype, e
     """The CPU fast entry of the three ops (the registry's ``checked_cpu``: the validator's checks
     in one pass, the ids read once, unmasked kernels when every slot is valid) is taken for valid
     inputs, contiguous or not, with and without -1 slots, both CPU forms (T * k < E or not), ids
-    read as a list (<= 64) or through aminmax, and gives the per-slot reference's h, y and
+    read as a list (few) or through aminmax, and gives the per-slot reference's h, y and
     out += y (out of the accumulation dtype, added in place, or bf16); the public functions on
     CPU give the same."""
     ranks, d_outs = [r for r, _ in rn], [n for _, n in rn]
@@ -418,6 +418,9 @@ def test_bad_inputs(name, device, ctx):
                   "routed_lora_shrink: lora_a[1]"))
     cases.append((lambda: routed_lora_shrink(x, A, ids[:, :, None]), ValueError,
                   "routed_lora_shrink: expert_ids"))
+    cases.append((lambda: routed_lora_expand(h[:0], [], ids, g), ValueError, "routed_lora_expand: lora_b"))
+    cases.append((lambda: routed_lora_expand_(torch.zeros(4, 0, device=device), h[:0], [], ids, g), ValueError,
+                  "routed_lora_expand_: lora_b"))
     for i, (f, exc, msg) in enumerate(cases):
         with ctx(), pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):
             f()

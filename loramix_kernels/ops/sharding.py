@@ -132,9 +132,9 @@ def validate_routed_lora_expand_inplace(out, h, lora_b, expert_ids, gates, scali
 # ------------------------------------------------------------------------------------------
 
 
-#: The ids' range is read as a Python list up to this many entries (one call, a fraction of
-#: ``aminmax`` plus two scalar reads), else with ``aminmax``.
-_LIST_IDS = 64
+#: The ids' range is read as a Python list up to this many entries (decode: one call, half the
+#: cost of ``aminmax`` plus two scalar reads), else with ``aminmax`` (the list grows per token).
+_LIST_IDS = 8
 
 
 def _slots(expert_ids, E, all_valid=False):
@@ -370,7 +370,8 @@ def _shrink_checked(x, lora_a, expert_ids):
 def _expand_fast(h, lora_b, expert_ids, gates, scaling):
     """``_check_expand``'s checks as plain comparisons: ``(d_out, all_valid)``, or None where the
     validator must decide."""
-    if h.dim() != 4 or h.dtype not in H_DTYPES or len(lora_b) != h.shape[0] or not math.isfinite(scaling):
+    if (h.dim() != 4 or h.dtype not in H_DTYPES or not lora_b or len(lora_b) != h.shape[0]
+            or not math.isfinite(scaling)):
         return None
     _, T, k, r_max = h.shape
     b0 = lora_b[0]
