@@ -9,22 +9,22 @@ expands; the column-parallel side needs no split (routed_lora on the local rows 
 
 Validators ``validate_routed_lora_shrink``, ``validate_routed_lora_expand`` (functional op) and
 ``validate_routed_lora_expand_inplace`` (``routed_lora_expand_``: the ladder's ``<op>`` drops the
-trailing underscore, which would give the functional op's name, hence the suffix; the same for
-its ``*_inplace_cpu`` / ``*_inplace_triton``). Launchers: the expert-sorted Triton kernels of
+trailing underscore, which would give the functional op's name, hence the suffix; the same for its
+``*_inplace_cpu`` / ``*_inplace_triton``). Launchers: the expert-sorted Triton kernels of
 ``kernels/sharding.py`` (one launch per group of <= 3 slices, no host sync, any strides). CPU
-(PyTorch, a few ops per call, no loop over tokens, slots or experts): a fast entry (the
-registry's ``checked_cpu``: the validator's checks as plain comparisons, the ids' range read once,
-unmasked kernels when no slot is empty; anything else goes to the validator, which names the
-error) and two forms: the routed slots' weights gathered, one bmm per token, when fewer slots
-than experts are routed (decode), else one GEMM over all experts' rows plus a gather / scatter
-(``python -m loramix_kernels.bench sharding`` compares them with the per-slot reference).
-Backward: the dense masked GEMM forms (a few GEMMs over ``[T, E*r]`` per-expert rows, no host
-sync) on every device. Precision: fp32 accumulation everywhere (float64 inputs: float64, on the
-PyTorch kernels); h is fp32 (float64 for float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 / fp32
-weights and keeps it fp32 for fp16, as routed_lora does; ``out += y`` is formed in fp32 and rounded
-once. Deterministic mode (``set_deterministic``): the expand with k > 1 adds a token's slots with
-fp32 atomics, so it runs the PyTorch dense form instead. Isolation: the forward kernels read only
-the routed experts' weights (Triton: expert-sorted blocks; CPU: the dense expand is checked for
+(PyTorch, a few ops per call, no loop over tokens, slots or experts): a fast entry (the registry's
+``checked_cpu``: the validator's checks as plain comparisons, the ids' range read once, unmasked
+kernels when no slot is empty; anything else goes to the validator, which names the error) and two
+forms: the routed slots' weights gathered, one bmm per token, when fewer slots than experts are
+routed (decode), else one GEMM over all experts' rows plus a gather / scatter (``python -m
+loramix_kernels.bench sharding`` compares them with the per-slot reference). Backward: the dense
+masked GEMM forms (a few GEMMs over ``[T, E*r]`` per-expert rows, no host sync) on every device.
+Precision: fp32 accumulation everywhere (float64 inputs: float64, on the PyTorch kernels); h is fp32
+(float64 for float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 /
+fp32 weights and keeps it fp32 for fp16, as routed_lora does; ``out += y`` is formed in fp32 and
+rounded once. Deterministic mode (``set_deterministic``): the expand with k > 1 adds a token's slots
+with fp32 atomics, so it runs the PyTorch dense form instead. Isolation: the forward kernels read
+only the routed experts' weights (Triton: expert-sorted blocks; CPU: the dense expand is checked for
 non-finite results and redone per slot), so an unrouted expert's inf / NaN does not reach a token;
 known gap: the dense backward multiplies an unrouted expert's weights by 0, so their inf / NaN can
 reach dx / dh (as routed_lora's dense backward on CUDA). Importing this module does not import
@@ -202,7 +202,7 @@ def _shrink_dense_cpu(x, lora_a, expert_ids, acc, all_valid=False):
     for a in lora_a:
         r = a.shape[1]
         a2 = a.reshape(E * r, d_in)
-        full = torch.mm(xf, (a2 if a2.dtype == acc else a2.to(acc)).t()).view(T, E, r)
+        full = torch.nn.functional.linear(xf, a2 if a2.dtype == acc else a2.to(acc)).view(T, E, r)
         zs.append(full.gather(1, idx.expand(T, k, r)))
     return _h_of(zs, None if valid is None else valid.view(T, k, 1), max(a.shape[1] for a in lora_a))
 
@@ -278,13 +278,16 @@ def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid=Fals
     idx = (ids if valid is None else torch.where(valid, ids, E)).long().unsqueeze(-1)
     cols = E if valid is None else E + 1
     hf = h if h.dtype == acc else h.to(acc)
+    r_max = h.shape[3]
     outs = []
     for s, b in enumerate(lora_b):
         n, r = b.shape[1], b.shape[2]
         he = torch.zeros(T, cols, r, dtype=acc, device=h.device).scatter_add_(
-            1, idx.expand(T, k, r), hf[s, :, :, :r] * w)[:, :E]
-        b_cat = b.permute(1, 0, 2).reshape(n, E * r)
-        outs.append(torch.mm(he.reshape(T, E * r), (b_cat if b_cat.dtype == acc else b_cat.to(acc)).t()))
+            1, idx.expand(T, k, r), (hf[s] if r == r_max else hf[s, :, :, :r]) * w)
+        he = he if cols == E else he[:, :E]
+        b_cat = b.permute(1, 0, 2).reshape(n, E * r)  # [n, E*r]
+        b_cat = b_cat if b_cat.dtype == acc else b_cat.to(acc)
+        outs.append(torch.nn.functional.linear(he.reshape(T, E * r), b_cat))
     y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return y if math.isfinite(y.sum().item()) else None
 
