@@ -137,14 +137,14 @@ def validate_routed_lora_expand_inplace(out, h, lora_b, expert_ids, gates, scali
 _LIST_IDS = 8
 
 
-def _slots(expert_ids, E, all_valid=False):
+def _slots(expert_ids, E, all_valid=None):
     """(valid ``[T, k]`` bool, ids ``[T, k]`` clamped into ``[0, E)``, in expert_ids' own integer
-    dtype). ``all_valid`` (every id known to lie in ``[0, E)``): ``(None, expert_ids)``, no op;
-    else two ops where the values were validated (ids in ``[-1, E)``), four where they were not
+    dtype). ``all_valid`` True (every id known to lie in ``[0, E)``): ``(None, expert_ids)``, no
+    op; False (ids known to lie in ``[-1, E)``) or None with validated values: two ops; else four
     (out-of-range ids are invalid, as in the reference)."""
     if all_valid:
         return None, expert_ids
-    if _backend.check_values(expert_ids):
+    if all_valid is not None or _backend.check_values(expert_ids):
         return expert_ids >= 0, expert_ids.clamp(min=0)
     valid = (expert_ids >= 0) & (expert_ids < E)
     return valid, torch.where(valid, expert_ids, 0)
@@ -172,7 +172,7 @@ def _h_of(zs, mask, r_max):
     return h
 
 
-def _shrink_gathered(x, lora_a, expert_ids, acc, all_valid=False):
+def _shrink_gathered(x, lora_a, expert_ids, acc, all_valid=None):
     """Per slice: one ``index_select`` of the routed slots' A and one bmm over all slots (the k
     slots of a token read the same x row), invalid slots zeroed by one ``where`` (none when
     ``all_valid``: every id known to lie in ``[0, E)``)."""
@@ -189,7 +189,7 @@ def _shrink_gathered(x, lora_a, expert_ids, acc, all_valid=False):
     return _h_of(zs, None if valid is None else valid.view(T, k, 1), max(a.shape[1] for a in lora_a))
 
 
-def _shrink_dense_cpu(x, lora_a, expert_ids, acc, all_valid=False):
+def _shrink_dense_cpu(x, lora_a, expert_ids, acc, all_valid=None):
     """``x @ A_cat^T`` over all experts (one GEMM per slice), then a gather of the routed slots;
     an unrouted expert's row is computed but never gathered (isolation), invalid slots zeroed."""
     T, d_in = x.shape
@@ -207,10 +207,11 @@ def _shrink_dense_cpu(x, lora_a, expert_ids, acc, all_valid=False):
     return _h_of(zs, None if valid is None else valid.view(T, k, 1), max(a.shape[1] for a in lora_a))
 
 
-def routed_lora_shrink_cpu(x, lora_a, expert_ids, all_valid=False):
+def routed_lora_shrink_cpu(x, lora_a, expert_ids, all_valid=None):
     """CPU kernel: the routed slots' A gathered (``_shrink_gathered``) at decode and small sizes,
     else the dense GEMM + gather (``_shrink_dense_cpu``); both only a few ops, no loop over
-    tokens or slots. ``all_valid``: the caller knows every id lies in ``[0, E)`` (no masking)."""
+    tokens or slots. ``all_valid`` (as for ``_slots``): True, the caller knows every id lies in
+    ``[0, E)`` (no masking); False, in ``[-1, E)``; None, validated as ``check_values`` says."""
     T, k = expert_ids.shape
     acc = acc_dtype(x)
     if not (T and k) or x.shape[1] == 0:
@@ -228,7 +229,7 @@ def _slot_weights(valid, gates, scaling, acc):
     return w * scaling if scaling != 1.0 else w
 
 
-def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out=None, all_valid=False):
+def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out=None, all_valid=None):
     """Per slice: one ``index_select`` of the routed slots' B, transposed (``[T*k, r, n]``: a
     token's k slots side by side, ``[k*r, n]``), its invalid slots' rows and h zeroed (an
     unrouted expert is never used: isolation; nothing to zero when ``all_valid``), one bmm per token
@@ -264,7 +265,7 @@ def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out=None, all_v
     return None if out is not None else outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
-def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid=False):
+def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid=None):
     """The dense masked form: the weighted h scattered onto per-expert rows ``[T, E (+ 1), r]``
     (column E takes the invalid slots; none when ``all_valid``), then per slice one GEMM over
     the experts' rows ``[T, E*r] @ [E*r, n]`` (B repacked to ``[n, E*r]``, ``E*n*r`` elements:
@@ -292,7 +293,7 @@ def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid=Fals
     return y if math.isfinite(y.sum().item()) else None
 
 
-def _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid=False, out=None):
+def _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid=None, out=None):
     """y in the accumulation dtype: the gathered form at decode and small sizes, else the dense
     form, redone per slot (the reference) if not finite. ``out`` (of the accumulation dtype):
     the gathered form adds into it and this returns None."""
@@ -307,7 +308,7 @@ def _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid=False, out=No
     return y if y is not None else routed_lora_expand_ref(h, lora_b, expert_ids, gates, scaling, acc)
 
 
-def routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling, all_valid=False):
+def routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling, all_valid=None):
     """``out += y``, the sum formed in fp32 (float64) and rounded once. The gathered form adds
     into an ``out`` of the accumulation dtype directly."""
     y = _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid, out)
@@ -319,7 +320,7 @@ def routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling, a
         out.copy_(out.to(y.dtype) + y)
 
 
-def routed_lora_expand_cpu(h, lora_b, expert_ids, gates, scaling, all_valid=False):
+def routed_lora_expand_cpu(h, lora_b, expert_ids, gates, scaling, all_valid=None):
     """y ``[T, sum n_s]`` in lora_b's dtype."""
     return _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid).to(lora_b[0].dtype)
 
