@@ -18,8 +18,8 @@ from loramix_kernels.ops.routed_lora import routed_lora, routed_lora_add_
 from loramix_kernels.ops.sharding import routed_lora_expand, routed_lora_expand_, routed_lora_shrink
 from loramix_kernels.reference.sharding import (expand_dense, routed_lora_expand_ref,
                                                 routed_lora_shrink_ref, shrink_dense)
-from tests.common import (TRITON_DEVICE, assert_close, backends, requires_triton, strided,
-                          triton_path, value_checks_off)
+from tests.common import (TRITON_DEVICE, assert_close, backends, reference_path, requires_triton,
+                          strided, strided_outer, triton_path, value_checks_off)
 
 
 def oracle_shrink(x, lora_a, ids):
@@ -236,6 +236,93 @@ def test_cpu_forms_isolation_and_nan_gates(T):
     assert torch.isfinite(y[ids[:, 0] != 0]).all()
 
 
+LAYOUTS = {"contiguous": lambda t: t, "strided": strided, "outer": strided_outer}
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.sampled_from([1, 2, 5, 40]), d_in=st.integers(1, 24),
+       rn=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 20)), min_size=1, max_size=3),
+       E=st.integers(1, 12), k=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+       idx_dtype=st.sampled_from([torch.int32, torch.int64]), empty=st.booleans(),
+       layout=st.sampled_from(sorted(LAYOUTS)), seed=st.integers(0, 99))
+def test_cpu_fast_entry_matches_reference(T, d_in, rn, E, k, dtype, idx_dtype, empty, layout, seed):
+    """The CPU fast entry of the three ops (the registry's ``checked_cpu``: the validator's checks
+    in one pass, the ids read once, unmasked kernels when every slot is valid) is taken for valid
+    inputs, contiguous or not, with and without -1 slots, both CPU forms (T * k < E or not), ids
+    read as a list (few) or through aminmax, and gives the per-slot reference's h, y and
+    out += y (out of the accumulation dtype, added in place, or bf16); the public functions on
+    CPU give the same."""
+    ranks, d_outs = [r for r, _ in rn], [n for _, n in rn]
+    k = min(k, E)
+    x, A, B, ids, g = make_case(T, d_in, ranks, d_outs, E, k, dtype, seed=seed, idx_dtype=idx_dtype,
+                                empty_frac=0.25 if empty else 0.0)
+    view = LAYOUTS[layout]
+    xs, As, Bs, idss, gs = view(x), view(A), view(B), view(ids), view(g)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = dict(atol=1e-5 if acc == torch.float32 else 1e-12, rtol=1e-5)
+
+    h = sh._shrink_checked(xs, As, idss)
+    assert h is not NotImplemented
+    h_ref = routed_lora_shrink_ref(x, A, ids)
+    assert h.dtype == acc and h.shape == h_ref.shape and h.is_contiguous()
+    torch.testing.assert_close(h, h_ref, **tol)
+
+    y_ref = routed_lora_expand_ref(h_ref, B, ids, g, 0.7)
+    y = sh._expand_checked(view(h), Bs, idss, gs, 0.7)
+    assert y is not NotImplemented and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, y_ref, dtype) if dtype != torch.float64 else torch.testing.assert_close(y, y_ref, **tol)
+    for out_dtype in (acc, torch.bfloat16):
+        base = torch.randn(T, sum(d_outs), dtype=acc).to(out_dtype)
+        out = view(base.clone())
+        assert sh._expand_inplace_checked(out, view(h), Bs, idss, gs, 0.7) is None
+        if out_dtype == acc:
+            torch.testing.assert_close(out, base + y_ref, **tol)
+        else:
+            assert_close(out, base.double() + y_ref, torch.bfloat16)
+
+    with reference_path():
+        torch.testing.assert_close(routed_lora_shrink(xs, As, idss), h, atol=0, rtol=0)
+        torch.testing.assert_close(routed_lora_expand(view(h), Bs, idss, gs, 0.7), y, atol=0, rtol=0)
+        out = view(base.clone())
+        assert routed_lora_expand_(out, view(h), Bs, idss, gs, 0.7) is out
+        assert_close(out, base.double() + y_ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("T", [1, 40])  # ids read as a list / through aminmax
+def test_cpu_fast_entry_hands_over(T):
+    """What the fast entry does not accept goes to the validator (it names the error) or, values
+    unchecked (as on CUDA), to the general kernel: out-of-range ids count as empty slots."""
+    x, A, B, ids, g = make_case(T, 8, [2, 3], [5, 4], 4, 2, empty_frac=0)
+    h = routed_lora_shrink_ref(x, A, ids)
+    bad = ids.clone()
+    bad[0, 0], bad[-1, -1] = 4, -2
+    assert sh._shrink_checked(x, A, bad) is NotImplemented
+    assert sh._expand_checked(h, B, bad, g, 1.0) is NotImplemented
+    assert sh._expand_inplace_checked(torch.zeros(T, 9), h, B, bad, g, 1.0) is NotImplemented
+    with reference_path():
+        with pytest.raises(ValueError, match=r"routed_lora_shrink: expert_ids entries must lie in \[-1, 4\)"):
+            routed_lora_shrink(x, A, bad)
+        with pytest.raises(ValueError, match=r"routed_lora_expand_: expert_ids entries must lie"):
+            routed_lora_expand_(torch.zeros(T, 9), h, B, bad, g)
+        with value_checks_off():
+            torch.testing.assert_close(routed_lora_shrink(x, A, bad), routed_lora_shrink_ref(x, A, bad))
+            torch.testing.assert_close(routed_lora_expand(h, B, bad, g, 0.5),
+                                       routed_lora_expand_ref(h, B, bad, g, 0.5))
+    # an out whose bytes meet an input's: the validator decides (here: they do share memory)
+    buf = torch.zeros(h.numel() + T * 9)
+    hb = buf[:h.numel()].view_as(h)
+    hb.copy_(h)
+    out = buf[h.numel() - 1:h.numel() - 1 + T * 9].view(T, 9)
+    assert sh._expand_inplace_checked(out, hb, B, ids, g, 1.0) is NotImplemented
+    with reference_path(), pytest.raises(ValueError, match="routed_lora_expand_: out is written in place "
+                                                            "and must not share memory with h"):
+        routed_lora_expand_(out, hb, B, ids, g)
+    # two halves of one allocation do not meet: accepted by the fast entry
+    pair = torch.zeros(2, T, 9)
+    assert sh._expand_inplace_checked(pair[0], h, B, ids, g, 1.0) is None
+
+
 # ------------------------------------------------------------------------------------------
 # gradients
 # ------------------------------------------------------------------------------------------
@@ -288,8 +375,11 @@ def test_chain_grads_equal_routed_lora(name, device, ctx):
 # ------------------------------------------------------------------------------------------
 
 
-def test_bad_inputs():
-    x, A, B, ids, g = make_case(4, 8, [2, 3], [5, 4], 4, 2)
+@pytest.mark.parametrize("name, device, ctx", backends())
+def test_bad_inputs(name, device, ctx):
+    """Every bad input raises the validator's error, on the CPU path too (where the fast entry
+    hands it over to the validator)."""
+    x, A, B, ids, g = make_case(4, 8, [2, 3], [5, 4], 4, 2, device=device)
     h = routed_lora_shrink(x, A, ids)
     cases = [
         (lambda: routed_lora_shrink(x.half(), A, ids), TypeError, "routed_lora_shrink: lora_a[0]"),
@@ -311,14 +401,28 @@ def test_bad_inputs():
         (lambda: routed_lora_expand_(torch.zeros(4, 9, dtype=torch.int32), h, B, ids, g), TypeError,
          "routed_lora_expand_: out"),
     ]
-    gw = torch.zeros(4, 9)
+    gw = torch.zeros(4, 9, device=device)
     cases.append((lambda: routed_lora_expand_(gw[:, :2], h, B, ids, gw[:, 2:4]), ValueError,
                   "routed_lora_expand_: out"))  # shape first
-    alias = torch.zeros(4, 11)
+    alias = torch.zeros(4, 11, device=device)
     cases.append((lambda: routed_lora_expand_(alias[:, :9], h, B, ids, alias[:, 8:10]), ValueError,
                   "routed_lora_expand_: out is written in place and must not share memory with gates"))
+    bb = torch.zeros(4 * 5 * 2 + 4 * 9, device=device)
+    b_alias = [bb[:40].view(4, 5, 2), B[1]]
+    cases.append((lambda: routed_lora_expand_(bb[36:72].view(4, 9), h, b_alias, ids, g), ValueError,
+                  "routed_lora_expand_: out is written in place and must not share memory with lora_b[0]"))
+    cases.append((lambda: routed_lora_expand(h, [B[0], B[1]], ids, g.to(torch.int32)), TypeError,
+                  "routed_lora_expand: gates"))
+    cases.append((lambda: routed_lora_expand(h, [B[0]], ids, g), ValueError, "routed_lora_expand: h"))
+    cases.append((lambda: routed_lora_shrink(x, [A[0], A[1].double()], ids), TypeError,
+                  "routed_lora_shrink: lora_a[1]"))
+    cases.append((lambda: routed_lora_shrink(x, A, ids[:, :, None]), ValueError,
+                  "routed_lora_shrink: expert_ids"))
+    cases.append((lambda: routed_lora_expand(h[:0], [], ids, g), ValueError, "routed_lora_expand: lora_b"))
+    cases.append((lambda: routed_lora_expand_(torch.zeros(4, 0, device=device), h[:0], [], ids, g), ValueError,
+                  "routed_lora_expand_: lora_b"))
     for i, (f, exc, msg) in enumerate(cases):
-        with pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        with ctx(), pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):
             f()
 
 

@@ -9,18 +9,22 @@ expands; the column-parallel side needs no split (routed_lora on the local rows 
 
 Validators ``validate_routed_lora_shrink``, ``validate_routed_lora_expand`` (functional op) and
 ``validate_routed_lora_expand_inplace`` (``routed_lora_expand_``: the ladder's ``<op>`` drops the
-trailing underscore, which would give the functional op's name, hence the suffix; the same for
-its ``*_inplace_cpu`` / ``*_inplace_triton``). Launchers: the expert-sorted Triton kernels of
-``kernels/sharding.py`` (one launch per group of <= 3 slices, no host sync, any strides). CPU: the
-dense masked GEMM forms of ``reference/sharding.py`` where routed_lora would run dense (small E*r
-or dense routing), else the per-slot gather + bmm reference. Backward: the dense masked GEMM forms
-(a few GEMMs over ``[T, E*r]`` per-expert rows, no host sync) on every device. Precision: fp32
-accumulation everywhere (float64 inputs: float64, on the PyTorch kernels); h is fp32 (float64 for
-float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 / fp32
-weights and keeps it fp32 for fp16, as routed_lora does; ``out += y`` is formed in fp32 and rounded
-once. Deterministic mode (``set_deterministic``): the expand with k > 1 adds a token's slots with
-fp32 atomics, so it runs the PyTorch dense form instead. Isolation: the forward kernels read only
-the routed experts' weights (Triton: expert-sorted blocks; CPU: the dense expand is checked for
+trailing underscore, which would give the functional op's name, hence the suffix; the same for its
+``*_inplace_cpu`` / ``*_inplace_triton``). Launchers: the expert-sorted Triton kernels of
+``kernels/sharding.py`` (one launch per group of <= 3 slices, no host sync, any strides). CPU
+(PyTorch, a few ops per call, no loop over tokens, slots or experts): a fast entry (the registry's
+``checked_cpu``: the validator's checks as plain comparisons, the ids' range read once, unmasked
+kernels when no slot is empty; anything else goes to the validator, which names the error) and two
+forms: the routed slots' weights gathered, one bmm per token, when fewer slots than experts are
+routed (decode), else one GEMM over all experts' rows plus a gather / scatter (``python -m
+loramix_kernels.bench sharding`` compares them with the per-slot reference). Backward: the dense
+masked GEMM forms (a few GEMMs over ``[T, E*r]`` per-expert rows, no host sync) on every device.
+Precision: fp32 accumulation everywhere (float64 inputs: float64, on the PyTorch kernels); h is fp32
+(float64 for float64 x); the expand rounds ``g * h`` to the weights' dtype before its dot for bf16 /
+fp32 weights and keeps it fp32 for fp16, as routed_lora does; ``out += y`` is formed in fp32 and
+rounded once. Deterministic mode (``set_deterministic``): the expand with k > 1 adds a token's slots
+with fp32 atomics, so it runs the PyTorch dense form instead. Isolation: the forward kernels read
+only the routed experts' weights (Triton: expert-sorted blocks; CPU: the dense expand is checked for
 non-finite results and redone per slot), so an unrouted expert's inf / NaN does not reach a token;
 known gap: the dense backward multiplies an unrouted expert's weights by 0, so their inf / NaN can
 reach dx / dh (as routed_lora's dense backward on CUDA). Importing this module does not import
@@ -34,12 +38,12 @@ import math
 import torch
 
 from .. import _backend
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, check_no_alias,
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, _byte_range, check, check_index_range, check_no_alias,
                        check_shape, check_tensor, check_writable)
 from .._tiles import cdiv
 from ..reference.sharding import acc_dtype, expand_backward, routed_lora_expand_ref, shrink_backward
 from ._registry import OPS, register_op
-from .routed_lora import (_groups, choose_strategy, decode_shares, kernel_numerics, slice_kwargs,
+from .routed_lora import (_groups, decode_shares, kernel_numerics, slice_kwargs,
                           sort_pairs, sorted_block_m, sorted_meta_kwargs)
 
 DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -128,15 +132,19 @@ def validate_routed_lora_expand_inplace(out, h, lora_b, expert_ids, gates, scali
 # ------------------------------------------------------------------------------------------
 
 
-def _dense_ok(E, ranks, k):
-    return choose_strategy(E, ranks, k) != "expert_sorted"
+#: The ids' range is read as a Python list up to this many entries (decode: one call, half the
+#: cost of ``aminmax`` plus two scalar reads), else with ``aminmax`` (the list grows per token).
+_LIST_IDS = 8
 
 
-def _slots(expert_ids, E):
+def _slots(expert_ids, E, all_valid=None):
     """(valid ``[T, k]`` bool, ids ``[T, k]`` clamped into ``[0, E)``, in expert_ids' own integer
-    dtype): two ops where the values were validated (ids in ``[-1, E)``), four where they were not
+    dtype). ``all_valid`` True (every id known to lie in ``[0, E)``): ``(None, expert_ids)``, no
+    op; False (ids known to lie in ``[-1, E)``) or None with validated values: two ops; else four
     (out-of-range ids are invalid, as in the reference)."""
-    if _backend.check_values(expert_ids):
+    if all_valid:
+        return None, expert_ids
+    if all_valid is not None or _backend.check_values(expert_ids):
         return expert_ids >= 0, expert_ids.clamp(min=0)
     valid = (expert_ids >= 0) & (expert_ids < E)
     return valid, torch.where(valid, expert_ids, 0)
@@ -145,164 +153,273 @@ def _slots(expert_ids, E):
 def _gathered_cpu(T, k, E) -> bool:
     """CPU: gather the routed slots' weights (``T * k`` experts' worth of copies, a handful of
     ops, only routed work) rather than the dense form over all ``E`` experts, when fewer slots
-    than experts are routed (decode, small prefill); else the dense masked form."""
+    than experts are routed (decode, small prefill); else the dense masked form (which reads
+    every expert's weights once: faster as soon as the copies outgrow them)."""
     return T * k < E
 
 
-def _shrink_inputs(x, lora_a, expert_ids, acc):
-    """What both shrink forms start from: ``(T, d_in, k, ranks, r_max, clamped ids [T, k],
-    valid-slot mask [T, k, 1], x in acc)``."""
+def _h_of(zs, mask, r_max):
+    """h ``[S, T, k, r_max]`` from the per-slice ``[T, k, r_s]`` results, invalid slots zeroed by
+    one ``where`` each (``mask`` ``[T, k, 1]``; None: every slot valid). One slice of rank r_max:
+    a view of its result, no copy."""
+    if len(zs) == 1 and zs[0].shape[2] == r_max:
+        z = zs[0] if mask is None else torch.where(mask, zs[0], 0)
+        return z.unsqueeze(0)
+    T, k = zs[0].shape[:2]
+    h = zs[0].new_zeros(len(zs), T, k, r_max)
+    for s, z in enumerate(zs):
+        h[s, :, :, :z.shape[2]] = z if mask is None else torch.where(mask, z, 0)
+    return h
+
+
+def _shrink_gathered(x, lora_a, expert_ids, acc, all_valid=None):
+    """Per slice: one ``index_select`` of the routed slots' A and one bmm over all slots (the k
+    slots of a token read the same x row), invalid slots zeroed by one ``where`` (none when
+    ``all_valid``: every id known to lie in ``[0, E)``)."""
     T, d_in = x.shape
     k = expert_ids.shape[1]
-    ranks = [a.shape[1] for a in lora_a]
-    valid, ids = _slots(expert_ids, lora_a[0].shape[0])
-    return T, d_in, k, ranks, max(ranks), ids, valid.view(T, k, 1), x if x.dtype == acc else x.to(acc)
-
-
-def _shrink_gathered(x, lora_a, expert_ids, acc):
-    """Per slot: one ``index_select`` of the routed experts' A and one bmm over all slices and
-    slots (the k slots of a token read the same x row), invalid slots zeroed by one ``where``."""
-    T, d_in, k, ranks, r_max, ids, mask, xf = _shrink_inputs(x, lora_a, expert_ids, acc)
+    valid, ids = _slots(expert_ids, lora_a[0].shape[0], all_valid)
     flat = ids.reshape(-1)
-    xv = xf.unsqueeze(-1)  # [T, d_in, 1]
-    if len(lora_a) == 1 and ranks[0] == r_max:
-        a = lora_a[0].index_select(0, flat)
-        a = a if a.dtype == acc else a.to(acc)
-        z = torch.bmm(a.view(T, k * r_max, d_in), xv).view(T, k, r_max)
-        return torch.where(mask, z, 0).unsqueeze(0)
-    h = torch.zeros(len(lora_a), T, k, r_max, dtype=acc, device=x.device)
-    for s, (a, r) in enumerate(zip(lora_a, ranks)):
+    xv = (x if x.dtype == acc else x.to(acc)).unsqueeze(-1)  # [T, d_in, 1]
+    zs = []
+    for a in lora_a:
+        r = a.shape[1]
         a = a.index_select(0, flat)
-        a = a if a.dtype == acc else a.to(acc)
-        z = torch.bmm(a.view(T, k * r, d_in), xv).view(T, k, r)
-        h[s, :, :, :r] = torch.where(mask, z, 0)
-    return h
+        zs.append(torch.bmm((a if a.dtype == acc else a.to(acc)).view(T, k * r, d_in), xv).view(T, k, r))
+    return _h_of(zs, None if valid is None else valid.view(T, k, 1), max(a.shape[1] for a in lora_a))
 
 
-def _shrink_dense_cpu(x, lora_a, expert_ids, acc):
+def _shrink_dense_cpu(x, lora_a, expert_ids, acc, all_valid=None):
     """``x @ A_cat^T`` over all experts (one GEMM per slice), then a gather of the routed slots;
     an unrouted expert's row is computed but never gathered (isolation), invalid slots zeroed."""
-    T, d_in, k, ranks, r_max, ids, mask, xf = _shrink_inputs(x, lora_a, expert_ids, acc)
+    T, d_in = x.shape
+    k = expert_ids.shape[1]
     E = lora_a[0].shape[0]
-    ids = ids.long()[:, :, None]
-    single = len(lora_a) == 1 and ranks[0] == r_max
-    h = None if single else torch.zeros(len(lora_a), T, k, r_max, dtype=acc, device=x.device)
-    for s, (a, r) in enumerate(zip(lora_a, ranks)):
+    valid, ids = _slots(expert_ids, E, all_valid)
+    xf = x if x.dtype == acc else x.to(acc)
+    idx = ids.long().unsqueeze(-1)  # [T, k, 1]
+    zs = []
+    for a in lora_a:
+        r = a.shape[1]
         a2 = a.reshape(E * r, d_in)
-        full = torch.mm(xf, (a2 if a2.dtype == acc else a2.to(acc)).t()).view(T, E, r)
-        hs = torch.where(mask, full.gather(1, ids.expand(T, k, r)), 0)
-        if single:
-            return hs.unsqueeze(0)
-        h[s, :, :, :r] = hs
-    return h
+        full = torch.nn.functional.linear(xf, a2 if a2.dtype == acc else a2.to(acc)).view(T, E, r)
+        zs.append(full.gather(1, idx.expand(T, k, r)))
+    return _h_of(zs, None if valid is None else valid.view(T, k, 1), max(a.shape[1] for a in lora_a))
 
 
-def routed_lora_shrink_cpu(x, lora_a, expert_ids):
-    """CPU kernel: the routed slots' A gathered (``_shrink_gathered``) when fewer slots than
-    experts are routed, else the dense GEMM + gather (``_shrink_dense_cpu``); both only a few
-    ops, no loop over tokens or slots."""
+def routed_lora_shrink_cpu(x, lora_a, expert_ids, all_valid=None):
+    """CPU kernel: the routed slots' A gathered (``_shrink_gathered``) at decode and small sizes,
+    else the dense GEMM + gather (``_shrink_dense_cpu``); both only a few ops, no loop over
+    tokens or slots. ``all_valid`` (as for ``_slots``): True, the caller knows every id lies in
+    ``[0, E)`` (no masking); False, in ``[-1, E)``; None, validated as ``check_values`` says."""
     T, k = expert_ids.shape
     acc = acc_dtype(x)
     if not (T and k) or x.shape[1] == 0:
         return torch.zeros(len(lora_a), T, k, max(a.shape[1] for a in lora_a), dtype=acc, device=x.device)
     if _gathered_cpu(T, k, lora_a[0].shape[0]):
-        return _shrink_gathered(x, lora_a, expert_ids, acc)
-    return _shrink_dense_cpu(x, lora_a, expert_ids, acc)
+        return _shrink_gathered(x, lora_a, expert_ids, acc, all_valid)
+    return _shrink_dense_cpu(x, lora_a, expert_ids, acc, all_valid)
 
 
 def _slot_weights(valid, gates, scaling, acc):
-    """``scaling * gate`` per slot in ``acc``, 0 on invalid slots (a NaN gate there stays out)."""
+    """``scaling * gate`` per slot in ``acc``, 0 on invalid slots (a NaN gate there stays out);
+    ``valid`` None: every slot valid."""
     g = gates if gates.dtype == acc else gates.to(acc)
-    w = torch.where(valid, g, 0)
+    w = g if valid is None else torch.where(valid, g, 0)
     return w * scaling if scaling != 1.0 else w
 
 
-def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out=None):
-    """Per slice: one ``index_select`` of the routed slots' B, one bmm per slot row, invalid
-    slots zeroed by one ``where`` (an unrouted expert is never read: isolation), and one batched
-    product with the slot weights that also sums a token's k slots. Returns y ``[T, sum n_s]`` in
-    acc; with ``out`` (in acc), adds into it instead (``baddbmm_`` on its column slices: the
-    weighted sum and the add in one op) and returns None."""
+def _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out=None, all_valid=None):
+    """Per slice: one ``index_select`` of the routed slots' B, transposed (``[T*k, r, n]``: a
+    token's k slots side by side, ``[k*r, n]``), its invalid slots' rows and h zeroed (an
+    unrouted expert is never used: isolation; nothing to zero when ``all_valid``), one bmm per token
+    row with the weighted h ``scaling * g_j * h_j`` (``[1, k*r]``), which also sums the token's k
+    slots. One batch per token: at decode (T = 1) no op of this form runs a parallel region
+    (a batch of T * k would: with 2 threads on a busy machine, a stall of milliseconds). Returns
+    y ``[T, sum n_s]`` in acc; with ``out`` (in acc), adds into it instead (``baddbmm_`` on its
+    column slices) and returns None."""
     T, k = expert_ids.shape
     E = lora_b[0].shape[0]
-    valid, ids = _slots(expert_ids, E)
+    valid, ids = _slots(expert_ids, E, all_valid)
     flat = ids.reshape(-1)
-    w = _slot_weights(valid, gates, scaling, acc).view(T, 1, k)
-    mask = valid.view(T, k, 1)
+    w = _slot_weights(valid, gates, scaling, acc).unsqueeze(-1)  # [T, k, 1]
+    invalid = None if valid is None else ~valid
     hf = h if h.dtype == acc else h.to(acc)
+    r_max = h.shape[3]
     outs, col = [], 0
     for s, b in enumerate(lora_b):
         n, r = b.shape[1], b.shape[2]
-        bs = b.index_select(0, flat)
-        bs = bs if bs.dtype == acc else bs.to(acc)
-        z = torch.where(mask, torch.bmm(bs, hf[s, :, :, :r].reshape(T * k, r, 1)).view(T, k, n), 0)
+        bt = b.transpose(1, 2).index_select(0, flat)  # [T*k, r, n]
+        bt = bt if bt.dtype == acc else bt.to(acc)
+        hw = (hf[s] if r == r_max else hf[s, :, :, :r]) * w  # [T, k, r]
+        if invalid is not None:  # both factors: 0 * inf of either would be NaN
+            bt.masked_fill_(invalid.reshape(T * k, 1, 1), 0)
+            hw.masked_fill_(invalid.unsqueeze(-1), 0)
+        hw = hw.reshape(T, 1, k * r)
         if out is not None:
             o = out if len(lora_b) == 1 else out.narrow(1, col, n)
-            o.unsqueeze(1).baddbmm_(w, z)
+            o.unsqueeze(1).baddbmm_(hw, bt.view(T, k * r, n))
             col += n
         else:
-            outs.append(torch.bmm(w, z).view(T, n))
+            outs.append(torch.bmm(hw, bt.view(T, k * r, n)).view(T, n))
     return None if out is not None else outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
-def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc):
-    """The dense masked form: the weighted h scattered onto per-expert rows ``[T, E + 1, r]``
-    (column E takes the invalid slots), then one bmm over the experts per slice, with B read in
-    place (no repack), summed over experts. None if not finite (0 * inf of an expert a token
-    does not use): the caller redoes it per slot."""
+def _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid=None):
+    """The dense masked form: the weighted h scattered onto per-expert rows ``[T, E (+ 1), r]``
+    (column E takes the invalid slots; none when ``all_valid``), then per slice one GEMM over
+    the experts' rows ``[T, E*r] @ [E*r, n]`` (B repacked to ``[n, E*r]``, ``E*n*r`` elements:
+    less than a bmm over the experts' ``[E, T, n]`` partial outputs as soon as T > r, and no
+    parallel region per expert at small T). None if not finite (0 * inf of an expert a token does
+    not use): the caller redoes it per slot."""
     T, k = expert_ids.shape
     E = lora_b[0].shape[0]
-    valid, ids = _slots(expert_ids, E)
-    w = _slot_weights(valid, gates, scaling, acc)
-    col = torch.where(valid, ids, E).long()
+    valid, ids = _slots(expert_ids, E, all_valid)
+    w = _slot_weights(valid, gates, scaling, acc).unsqueeze(-1)  # [T, k, 1]
+    idx = (ids if valid is None else torch.where(valid, ids, E)).long().unsqueeze(-1)
+    cols = E if valid is None else E + 1
     hf = h if h.dtype == acc else h.to(acc)
+    r_max = h.shape[3]
     outs = []
     for s, b in enumerate(lora_b):
-        r = b.shape[2]
-        hw = hf[s, :, :, :r] * w[:, :, None]
-        he = torch.zeros(T, E + 1, r, dtype=acc, device=h.device).scatter_add_(
-            1, col[:, :, None].expand(T, k, r), hw)
-        bt = b.transpose(1, 2)
-        y = torch.bmm(he[:, :E].transpose(0, 1), bt if bt.dtype == acc else bt.to(acc)).sum(0)  # [T, n]
-        outs.append(y)
+        n, r = b.shape[1], b.shape[2]
+        he = torch.zeros(T, cols, r, dtype=acc, device=h.device).scatter_add_(
+            1, idx.expand(T, k, r), (hf[s] if r == r_max else hf[s, :, :, :r]) * w)
+        he = he if cols == E else he[:, :E]
+        b_cat = b.permute(1, 0, 2).reshape(n, E * r)  # [n, E*r]
+        b_cat = b_cat if b_cat.dtype == acc else b_cat.to(acc)
+        outs.append(torch.nn.functional.linear(he.reshape(T, E * r), b_cat))
     y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return y if math.isfinite(y.sum().item()) else None
 
 
-def _expand_torch(h, lora_b, expert_ids, gates, scaling):
-    """y in the accumulation dtype: the gathered form when fewer slots than experts are routed,
-    else the dense form, redone per slot (the reference) if not finite."""
+def _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid=None, out=None):
+    """y in the accumulation dtype: the gathered form at decode and small sizes, else the dense
+    form, redone per slot (the reference) if not finite. ``out`` (of the accumulation dtype):
+    the gathered form adds into it and this returns None."""
     T, k = expert_ids.shape
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     if not (T and k):
         return torch.zeros(T, sum(b.shape[1] for b in lora_b), dtype=acc, device=h.device)
     if _gathered_cpu(T, k, lora_b[0].shape[0]):
-        return _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc)
-    y = _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc)
+        return _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc,
+                                out if out is not None and out.dtype == acc else None, all_valid)
+    y = _expand_dense_cpu(h, lora_b, expert_ids, gates, scaling, acc, all_valid)
     return y if y is not None else routed_lora_expand_ref(h, lora_b, expert_ids, gates, scaling, acc)
 
 
-def _add_into(out, y):
+def routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling, all_valid=None):
+    """``out += y``, the sum formed in fp32 (float64) and rounded once. The gathered form adds
+    into an ``out`` of the accumulation dtype directly."""
+    y = _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid, out)
+    if y is None:
+        return
     if out.dtype == y.dtype:
         out.add_(y)
     else:
         out.copy_(out.to(y.dtype) + y)
 
 
-def routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling):
-    """``out += y``, the sum formed in fp32 (float64) and rounded once. The gathered form adds
-    into an ``out`` of the accumulation dtype directly."""
-    T, k = expert_ids.shape
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    if out.dtype == acc and T and k and _gathered_cpu(T, k, lora_b[0].shape[0]):
-        _expand_gathered(h, lora_b, expert_ids, gates, scaling, acc, out)
-        return
-    _add_into(out, _expand_torch(h, lora_b, expert_ids, gates, scaling))
-
-
-def routed_lora_expand_cpu(h, lora_b, expert_ids, gates, scaling):
+def routed_lora_expand_cpu(h, lora_b, expert_ids, gates, scaling, all_valid=None):
     """y ``[T, sum n_s]`` in lora_b's dtype."""
-    return _expand_torch(h, lora_b, expert_ids, gates, scaling).to(lora_b[0].dtype)
+    return _expand_torch(h, lora_b, expert_ids, gates, scaling, all_valid).to(lora_b[0].dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# CPU fast entry (the registry's ``checked_cpu``): checks in one pass, then the kernel
+# ------------------------------------------------------------------------------------------
+
+
+def _ids_fast(expert_ids, T, k, E):
+    """The validator's checks of expert_ids as plain comparisons, its value range read once:
+    True (every id in ``[0, E)``: the kernels need no mask), False (some ``-1``, the rest in
+    range), None (anything else: a metadata error, an id out of range, no slots; the caller
+    hands over to the validator, which names the error, or to the general path)."""
+    if (expert_ids.dim() != 2 or expert_ids.dtype not in INDEX_DTYPES or not expert_ids.is_cpu
+            or expert_ids.shape[0] != T or (k is not None and expert_ids.shape[1] != k)):
+        return None
+    n = expert_ids.numel()
+    if n == 0:
+        return None
+    if n <= _LIST_IDS:
+        v = expert_ids.tolist()
+        lo, hi = min(map(min, v)), max(map(max, v))
+    else:
+        lo, hi = (int(t) for t in expert_ids.aminmax())
+    if lo < -1 or hi >= E:
+        return None
+    return lo >= 0
+
+
+def _shrink_checked(x, lora_a, expert_ids):
+    """``checked_cpu`` of routed_lora_shrink: what ``validate_routed_lora_shrink`` accepts, checked
+    as plain comparisons (no message built), the ids read once, then the CPU kernel (unmasked
+    when every slot is valid). Anything else returns NotImplemented: the validator then names the
+    error, or runs before the kernel as for every op."""
+    if x.dim() != 2 or x.dtype not in DTYPES or not lora_a:
+        return NotImplemented
+    T, d_in = x.shape
+    a0 = lora_a[0]
+    E = a0.shape[0] if a0.dim() == 3 else 0
+    for a in lora_a:
+        if (a.dim() != 3 or a.dtype != x.dtype or not a.is_cpu or a.shape[0] != E or a.shape[1] < 1
+                or a.shape[2] != d_in):
+            return NotImplemented
+    ok = _ids_fast(expert_ids, T, None, E) if E > 0 else None
+    if ok is None:
+        return NotImplemented
+    return routed_lora_shrink_cpu(x, lora_a, expert_ids, ok)
+
+
+def _expand_fast(h, lora_b, expert_ids, gates, scaling):
+    """``_check_expand``'s checks as plain comparisons: ``(d_out, all_valid)``, or None where the
+    validator must decide."""
+    if (h.dim() != 4 or h.dtype not in H_DTYPES or not lora_b or len(lora_b) != h.shape[0]
+            or not math.isfinite(scaling)):
+        return None
+    _, T, k, r_max = h.shape
+    b0 = lora_b[0]
+    if b0.dim() != 3 or b0.dtype not in DTYPES:
+        return None
+    E, dt, d_out = b0.shape[0], b0.dtype, 0
+    for b in lora_b:
+        if (b.dim() != 3 or b.dtype != dt or not b.is_cpu or b.shape[0] != E or b.shape[2] < 1
+                or b.shape[2] > r_max):
+            return None
+        d_out += b.shape[1]
+    if (E < 1 or gates.dim() != 2 or gates.dtype not in DTYPES or not gates.is_cpu
+            or gates.shape[0] != T or gates.shape[1] != k):
+        return None
+    ok = _ids_fast(expert_ids, T, k, E)
+    return None if ok is None else (d_out, ok)
+
+
+def _expand_checked(h, lora_b, expert_ids, gates, scaling):
+    """``checked_cpu`` of routed_lora_expand (as ``_shrink_checked``)."""
+    fast = _expand_fast(h, lora_b, expert_ids, gates, scaling)
+    if fast is None:
+        return NotImplemented
+    return routed_lora_expand_cpu(h, lora_b, expert_ids, gates, scaling, fast[1])
+
+
+def _expand_inplace_checked(out, h, lora_b, expert_ids, gates, scaling):
+    """``checked_cpu`` of routed_lora_expand_ (as ``_shrink_checked``): ``out`` also has no
+    overlapping elements and shares no byte range with an input (address ranges that meet go to
+    the validator, which decides exactly)."""
+    fast = _expand_fast(h, lora_b, expert_ids, gates, scaling)
+    if (fast is None or out.dim() != 2 or out.dtype not in DTYPES or not out.is_cpu
+            or out.shape[0] != h.shape[1] or out.shape[1] != fast[0]
+            or (not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1)):
+        return NotImplemented
+    if out.numel():
+        o0, o1 = _byte_range(out)
+        for t in (h, expert_ids, gates, *lora_b):
+            if t.numel():
+                t0, t1 = _byte_range(t)
+                if t0 <= o1 and o0 <= t1:
+                    return NotImplemented
+    routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling, fast[1])
+    return None
 
 
 # ------------------------------------------------------------------------------------------
@@ -451,24 +568,43 @@ register_op(
     "routed_lora_shrink", "(Tensor x, Tensor[] lora_a, Tensor expert_ids) -> Tensor",
     validate=validate_routed_lora_shrink, triton=routed_lora_shrink_triton, cpu=routed_lora_shrink_cpu,
     fake=_fake_shrink, backward=_shrink_backward, setup_context=_shrink_setup, autocast=(0, 1),
+    checked_cpu=_shrink_checked,
 )
 register_op(
     "routed_lora_expand_",
     "(Tensor(a!) out, Tensor h, Tensor[] lora_b, Tensor expert_ids, Tensor gates, float scaling) -> ()",
     validate=validate_routed_lora_expand_inplace, triton=routed_lora_expand_inplace_triton,
     cpu=routed_lora_expand_inplace_cpu, fake=lambda info, *args: None, autocast=(2,),
+    checked_cpu=_expand_inplace_checked,
 )
 register_op(
     "routed_lora_expand",
     "(Tensor h, Tensor[] lora_b, Tensor expert_ids, Tensor gates, float scaling) -> Tensor",
     validate=validate_routed_lora_expand, triton=routed_lora_expand_triton, cpu=routed_lora_expand_cpu,
     fake=_fake_expand, backward=_expand_backward, setup_context=_expand_setup, autocast=(1,),
+    checked_cpu=_expand_checked,
 )
 
 
 # ------------------------------------------------------------------------------------------
 # public functions
 # ------------------------------------------------------------------------------------------
+
+
+def _run(d, args, inputs):
+    """``d(*args)`` for an op ``d`` of :data:`OPS`, in eager mode below its autograd kernel when no
+    input requires grad: that kernel would only redispatch (about 5 us per call at decode), and
+    the output requires no grad either way. ``OpDef.__call__`` does the same with grad
+    disabled."""
+    if not torch.compiler.is_compiling() and torch.is_grad_enabled():
+        try:
+            grad = any(t.requires_grad for t in inputs)
+        except AttributeError:  # not a tensor: the dispatcher names it
+            grad = True
+        if not grad:
+            with torch._C._AutoDispatchBelowAutograd():
+                return d.overload(*args)
+    return d(*args)
 
 
 def routed_lora_shrink(x, lora_a, expert_ids):
@@ -499,7 +635,8 @@ def routed_lora_shrink(x, lora_a, expert_ids):
     >>> h.shape, h.dtype, h[0, 1, 1].abs().sum().item(), h[0, 0, 0, 2].item()
     (torch.Size([2, 3, 2, 3]), torch.float32, 0.0, 0.0)
     """
-    return OPS["routed_lora_shrink"](x, list(lora_a), expert_ids)
+    lora_a = list(lora_a)
+    return _run(OPS["routed_lora_shrink"], (x, lora_a, expert_ids), (x, *lora_a))
 
 
 def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
@@ -523,7 +660,7 @@ def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
     >>> torch.allclose(y1, y2, atol=1e-5)
     True
     """
-    torch.ops.loramix.routed_lora_expand_(out, h, list(lora_b), expert_ids, gates, float(scaling))
+    OPS["routed_lora_expand_"].overload(out, h, list(lora_b), expert_ids, gates, float(scaling))
     return out
 
 
@@ -541,4 +678,6 @@ def routed_lora_expand(h, lora_b, expert_ids, gates, scaling=1.0):
     >>> torch.allclose(y, routed_lora(x, A, B, ids, g, 0.5), atol=1e-5)
     True
     """
-    return OPS["routed_lora_expand"](h, list(lora_b), expert_ids, gates, float(scaling))
+    lora_b = list(lora_b)
+    args = (h, lora_b, expert_ids, gates, float(scaling))
+    return _run(OPS["routed_lora_expand"], args, (h, *lora_b, gates))
