@@ -16,7 +16,7 @@ from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, che
                        check_shape, check_tensor, check_writable, fail)
 from .._tiles import cdiv, next_pow2
 from ..reference.kv import compact_kv_layers_ref_, compact_kv_ref_, kv_write_ref_
-from ._registry import register_op
+from ._registry import OPS, register_op
 
 _OP = "compact_kv_"
 
@@ -195,7 +195,7 @@ def compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_le
     >>> k.flatten().tolist()
     [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0]
     """
-    torch.ops.loramix.compact_kv_(k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
+    OPS["compact_kv_"](k_cache, v_cache, block_table, seq_lens, accept_index, accept_len)
 
 
 # --- compact_kv_layers_: every layer's cache in one launch ----------------------------------------
@@ -270,7 +270,7 @@ def compact_kv_layers_(k_caches, v_caches, block_table, seq_lens, accept_index, 
     >>> k[:, 0, :, 0, 0].tolist()
     [[0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0], [0.0, 10.0, 20.0, 30.0, 40.0, 60.0, 70.0, 70.0]]
     """
-    torch.ops.loramix.compact_kv_layers_(k_caches, v_caches, block_table, seq_lens, accept_index,
+    OPS["compact_kv_layers_"](k_caches, v_caches, block_table, seq_lens, accept_index,
                                          accept_len)
 
 
@@ -401,4 +401,4 @@ def kv_write_(k_cache, v_cache, k, v, slot_mapping):
     >>> kc[:, :, 0, 0].tolist()
     [[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
     """
-    torch.ops.loramix.kv_write_(k_cache, v_cache, k, v, slot_mapping)
+    OPS["kv_write_"](k_cache, v_cache, k, v, slot_mapping)

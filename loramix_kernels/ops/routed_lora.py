@@ -92,7 +92,7 @@ from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, che
 from .._tiles import cdiv, pow2_at_least
 from ..reference.routed_lora import (NEEDS_ALL, gates_and_routes, routed_lora_backward_dense,
                                      routed_lora_backward_ref, routed_lora_ref)
-from ._registry import LIB, register_op
+from ._registry import LIB, OPS, register_op
 
 MAX_SLICES_PER_LAUNCH = 3
 #: Accepted x / weight / gate dtypes: the Triton kernels' fp16 / bf16 / fp32, plus float64 (run by
@@ -1307,5 +1307,5 @@ def routed_lora_add_(out, x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
     >>> routed_lora_add_(out, x, A, B, ids, g)[2].abs().sum().item()
     0.0
     """
-    torch.ops.loramix.routed_lora_add_(out, x, list(lora_a), list(lora_b), expert_ids, gates, float(scaling))
+    OPS["routed_lora_add_"](out, x, list(lora_a), list(lora_b), expert_ids, gates, float(scaling))
     return out

@@ -591,22 +591,6 @@ register_op(
 # ------------------------------------------------------------------------------------------
 
 
-def _run(d, args, inputs):
-    """``d(*args)`` for an op ``d`` of :data:`OPS`, in eager mode below its autograd kernel when no
-    input requires grad: that kernel would only redispatch (about 5 us per call at decode), and
-    the output requires no grad either way. ``OpDef.__call__`` does the same with grad
-    disabled."""
-    if not torch.compiler.is_compiling() and torch.is_grad_enabled():
-        try:
-            grad = any(t.requires_grad for t in inputs)
-        except AttributeError:  # not a tensor: the dispatcher names it
-            grad = True
-        if not grad:
-            with torch._C._AutoDispatchBelowAutograd():
-                return d.overload(*args)
-    return d(*args)
-
-
 def routed_lora_shrink(x, lora_a, expert_ids):
     """First half of :func:`routed_lora`: ``h[s, t, j, :r_s] = lora_a[s][e] @ x[t]`` for each routed
     slot ``e = expert_ids[t, j]`` (``-1``: empty slot, zeros; columns past ``r_s`` are zero).
@@ -636,7 +620,7 @@ def routed_lora_shrink(x, lora_a, expert_ids):
     (torch.Size([2, 3, 2, 3]), torch.float32, 0.0, 0.0)
     """
     lora_a = list(lora_a)
-    return _run(OPS["routed_lora_shrink"], (x, lora_a, expert_ids), (x, *lora_a))
+    return OPS["routed_lora_shrink"](x, lora_a, expert_ids)
 
 
 def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
@@ -680,4 +664,4 @@ def routed_lora_expand(h, lora_b, expert_ids, gates, scaling=1.0):
     """
     lora_b = list(lora_b)
     args = (h, lora_b, expert_ids, gates, float(scaling))
-    return _run(OPS["routed_lora_expand"], args, (h, *lora_b, gates))
+    return OPS["routed_lora_expand"](*args)

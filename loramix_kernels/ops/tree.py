@@ -22,7 +22,7 @@ from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_parents, check_s
                        fail)
 from .._tiles import cdiv, pow2_at_least
 from ..reference.tree import build_tree_ref, default_scale, tree_attention_ref
-from ._registry import register_op
+from ._registry import OPS, register_op
 
 # ==================================================================================================
 # build_tree
@@ -134,7 +134,7 @@ def build_tree(parents: torch.Tensor):
     >>> mask[0, :, 0].tolist(), depth.tolist(), first.tolist(), nxt.tolist()
     ([1, 3, 5, 11], [[0, 1, 1, 2]], [[1, 3, -1, -1]], [[-1, 2, -1, -1]])
     """
-    return torch.ops.loramix.build_tree(parents)
+    return OPS["build_tree"](parents)
 
 
 # ==================================================================================================
@@ -580,5 +580,5 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     >>> tree_attention(q, k, v, table, lens, mask).shape
     torch.Size([2, 4, 8, 64])
     """
-    return torch.ops.loramix.tree_attention(q, k_cache, v_cache, block_table, seq_lens, tree_mask,
+    return OPS["tree_attention"](q, k_cache, v_cache, block_table, seq_lens, tree_mask,
                                             None if sm_scale is None else float(sm_scale))

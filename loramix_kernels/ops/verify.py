@@ -36,7 +36,7 @@ from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check, check_index_range, che
                        check_shape, check_tensor, fail)
 from .._tiles import cdiv, next_pow2, pow2_at_least
 from ..reference.verify import match_branch_ref, rng_words, verify_greedy_ref, verify_sampling_ref
-from ._registry import register_op
+from ._registry import OPS, register_op
 
 # Row sums of a probability row must be within this of 1 (fp32 sums over 256k entries stay far
 # inside 1e-3; fp16 / bf16 rows carry ~2^-9 relative rounding per entry).
@@ -402,7 +402,7 @@ def verify_greedy(tokens, parents, target_ids):
     >>> verify_greedy(tokens, parents, target)
     (tensor([[ 0,  2, -1, -1]], dtype=torch.int32), tensor([1], dtype=torch.int32), tensor([4]))
     """
-    return torch.ops.loramix.verify_greedy(tokens, parents, target_ids)
+    return OPS["verify_greedy"](tokens, parents, target_ids)
 
 
 def verify_sampling(tokens, parents, target_probs, draft_probs=None, seed=0, offset=0):
@@ -467,7 +467,7 @@ def verify_sampling(tokens, parents, target_probs, draft_probs=None, seed=0, off
         check(isinstance(val, int) and not isinstance(val, bool), "verify_sampling", name,
               f"must be an int, got {type(val).__name__}", TypeError)
         check(_INT64_MIN <= val <= _INT64_MAX, "verify_sampling", name, f"must fit in int64, got {val}")
-    return torch.ops.loramix.verify_sampling(tokens, parents, target_probs, draft_probs, seed, offset)
+    return OPS["verify_sampling"](tokens, parents, target_probs, draft_probs, seed, offset)
 
 
 def match_branch(accept_index, accept_len, next_token, branch_anchor, branch_token):
@@ -499,4 +499,4 @@ def match_branch(accept_index, accept_len, next_token, branch_anchor, branch_tok
     ...              torch.tensor([[0, 2, 2]]), torch.tensor([[4, 3, 4]]))
     tensor([2], dtype=torch.int32)
     """
-    return torch.ops.loramix.match_branch(accept_index, accept_len, next_token, branch_anchor, branch_token)
+    return OPS["match_branch"](accept_index, accept_len, next_token, branch_anchor, branch_token)
