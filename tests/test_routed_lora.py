@@ -1046,14 +1046,14 @@ def _train_leaves(x, A, B, gates, needs):
 def saved_path_calls(monkeypatch):
     """Counts the backwards that ran on the forward's saved tensors (and gave a result)."""
     calls = []
-    orig = rl._dense_backward_saved
+    orig = rl._train_backward
 
     def counted(*args):
         got = orig(*args)
         calls.append(got is not None)
         return got
 
-    monkeypatch.setattr(rl, "_dense_backward_saved", counted)
+    monkeypatch.setattr(rl, "_train_backward", counted)
     return calls
 
 
