@@ -860,6 +860,9 @@ def _rank_gates(gE, E, ranks):
     return gE.index_select(1, _column_gates(E, tuple(ranks), gE.device))
 
 
+_FUSE_A = True
+
+
 def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
     """The dense masked forward of a CPU training step (``_RoutedLoraTrain``), in fp32 (float64
     for float64 inputs): ``y_s = ((x A^T) * G) B_cat_s^T`` with every slice's A in one GEMM and G
@@ -886,15 +889,21 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
         check_index_range("routed_lora", "expert_ids", expert_ids, -1, E)
         raise
     xf = x if x.dtype is acc else x.to(acc)
-    if S == 1:
-        a_all = lora_a[0].reshape(-1, d_in)
-    elif ranks.count(ranks[0]) == S:  # one copy of every slice's A: one GEMM for h, dx and dA
-        a_all = torch.cat(lora_a).view(-1, d_in)
+    if S == 1 or _FUSE_A:
+        if S == 1:
+            a_all = lora_a[0].reshape(-1, d_in)
+        elif ranks.count(ranks[0]) == S:  # one copy of every slice's A: one GEMM for h, dx and dA
+            a_all = torch.cat(lora_a).view(-1, d_in)
+        else:
+            a_all = torch.cat([a.reshape(-1, d_in) for a in lora_a])
+        if a_all.dtype is not acc:
+            a_all = a_all.to(acc)
+        h = torch.nn.functional.linear(xf, a_all)  # [T, R]
     else:
-        a_all = torch.cat([a.reshape(-1, d_in) for a in lora_a])
-    if a_all.dtype is not acc:
-        a_all = a_all.to(acc)
-    h = torch.nn.functional.linear(xf, a_all)  # [T, R]
+        a_all = [a.reshape(-1, d_in) if a.dtype is acc else a.reshape(-1, d_in).to(acc) for a in lora_a]
+        h = torch.empty(T, E * sum(ranks), dtype=acc, device=x.device)
+        for a, hs in zip(a_all, h.split([E * r for r in ranks], 1)):
+            torch.mm(xf, a.t(), out=hs)
     gcols = _rank_gates(gE, E, ranks)
     hv = h.view(gcols.shape)
     hg = (hv.mul_(gcols) if not need_g else hv * gcols).view(h.shape)
@@ -912,8 +921,9 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
     if not math.isfinite(y.sum().item()):
         return None
     keep_b = need_x or need_a or need_g
-    saved = (idx, gE, h if need_g else None, hg if need_b else None, a_all if need_x else None,
-             xf if need_a else None, *(b_cats if keep_b else [None] * S))
+    a_keep = ([a_all] if not isinstance(a_all, list) else a_all) if need_x else []
+    saved = (idx, gE, h if need_g else None, hg if need_b else None, xf if need_a else None,
+             *(b_cats if keep_b else [None] * S), *a_keep)
     return (y if y.dtype is x.dtype else y.to(x.dtype)), saved
 
 
@@ -931,9 +941,10 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
     ``retain_graph`` reads them again). Gradients in the inputs' dtypes, contiguous (dA of
     several slices: row blocks of one matrix); None where not needed."""
     need_x, need_a, need_b, need_g = needs
-    idx, gE, h, hg, a_all, xf, *b_cats = saved
+    idx, gE, h, hg, xf, *rest = saved
     T = grad_y.shape[0]
     E, S = lora_a[0].shape[0], len(lora_a)
+    b_cats, a_alls = rest[:S], rest[S:]
     ranks = [a.shape[1] for a in lora_a]
     acc = gE.dtype
     dyf = grad_y if grad_y.dtype is acc else grad_y.to(acc)
@@ -960,12 +971,21 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
             gcols = _rank_gates(gE, E, ranks)
             du = u.view(gcols.shape).mul_(gcols).view(u.shape)
             if need_x:
-                gx = torch.mm(du, a_all)
+                if len(a_alls) == 1:
+                    gx = torch.mm(du, a_alls[0])
+                else:
+                    dus = du.split(cols, 1)
+                    gx = torch.mm(dus[0], a_alls[0])
+                    for d, a in zip(dus[1:], a_alls[1:]):
+                        gx.addmm_(d, a)
                 if gx.dtype is not x.dtype:
                     gx = gx.to(x.dtype)
             if need_a:
-                ga_all = torch.mm(du.t(), xf)
-                parts = ga_all.split(cols) if S > 1 else (ga_all,)
+                if _FUSE_A or S == 1:
+                    ga_all = torch.mm(du.t(), xf)
+                    parts = ga_all.split(cols) if S > 1 else (ga_all,)
+                else:
+                    parts = [torch.mm(d.t(), xf) for d in du.split(cols, 1)]
                 ga = [p.view(a.shape) if a.dtype is acc else p.view(a.shape).to(a.dtype)
                       for p, a in zip(parts, lora_a)]
     if need_b:
@@ -1259,7 +1279,7 @@ def _backward(ctx, grad_y):
 
 class _RoutedLoraTrain(torch.autograd.Function):
     """The CPU training path of ``routed_lora`` (eager, grad enabled, CPU tensors, no autocast;
-    see ``routed_lora`` and ``_train_needs``): a plain autograd function, cheaper per step than
+    see ``routed_lora`` and ``_train_plan``): a plain autograd function, cheaper per step than
     torch.library's generated one, whose forward (``_train_forward``, after the metadata checks)
     keeps what the dense backward reuses (packed weights, gate matrix, h) and whose backward runs
     ``_train_backward`` on it. Where the forward did not keep them (a per-expert forward, a
@@ -1269,35 +1289,39 @@ class _RoutedLoraTrain(torch.autograd.Function):
     scaling, n_slices, needs, *lora_a, *lora_b``."""
 
     @staticmethod
-    def forward(ctx, x, expert_ids, gates, scaling, n, needs, *w):
+    def forward(ctx, x, expert_ids, gates, scaling, plan, *w):
+        n, needs, dense = plan
+        inputs = (x, expert_ids, gates, *w)  # saved as given: the op backward's double-backward error
+        # Detached aliases (same data and version counters): the kernels' ops and views then
+        # skip autograd's bookkeeping for inputs that require grad.
+        x, gates, w = x.detach(), gates.detach(), [t.detach() for t in w]
         lora_a, lora_b = w[:n], w[n:]
         got = None
-        # The op's own implementation without the dispatcher round trip (validation once; the
-        # Triton test switch keeps its launcher).
-        info = _routed_metadata_ok(x, lora_a, lora_b, expert_ids, gates, scaling)
-        if info is None:
-            info = _check_routed_metadata("routed_lora", x, lora_a, lora_b, expert_ids, gates, scaling)
         mode = 0
-        if (info[0] and info[1] and info[3] and not _backend.use_triton(x)
-                and _dense_on_device(x, lora_a, lora_b, info[3])):
-            plan = _sparse_plan(expert_ids, info[2], info[0])
+        T, k = expert_ids.shape
+        # The metadata were checked by _train_plan; the expert-id range is checked here (by the
+        # scatter or bincount of the dense / grouped path) or by validate_routed_lora.
+        if dense and T and x.shape[1] and k and not _backend.use_triton(x):
+            plan = _sparse_plan(expert_ids, lora_a[0].shape[0], T)
             if plan is not None:
                 mode, got = 2, _sparse_forward(x, lora_a, lora_b, gates, scaling, needs, plan,
                                                torch.float64 if x.dtype is torch.float64 else torch.float32)
             else:
                 mode, got = 1, _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs)
         if got is None:
-            validate_routed_lora(x, list(lora_a), list(lora_b), expert_ids, gates, scaling)
+            # The op's own implementation without the dispatcher round trip (the Triton test
+            # switch keeps its launcher).
+            validate_routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling)
             if _backend.use_triton(x):
-                y = routed_lora_triton(x, list(lora_a), list(lora_b), expert_ids, gates, scaling)
+                y = routed_lora_triton(x, lora_a, lora_b, expert_ids, gates, scaling)
             else:
-                y = routed_lora_cpu(x, list(lora_a), list(lora_b), expert_ids, gates, scaling)
+                y = routed_lora_cpu(x, lora_a, lora_b, expert_ids, gates, scaling)
             ctx.mode = 0
-            ctx.save_for_backward(x, expert_ids, gates, *w)
+            ctx.save_for_backward(*inputs)
         else:
             y, saved = got
             ctx.mode = mode
-            ctx.save_for_backward(x, expert_ids, gates, *w, *saved)
+            ctx.save_for_backward(*inputs, *saved)
         ctx.n_slices, ctx.scaling, ctx.train_needs = n, scaling, needs
         return y
 
@@ -1307,7 +1331,7 @@ class _RoutedLoraTrain(torch.autograd.Function):
         n = ctx.n_slices
         lora_a, lora_b, saved = w[:n], w[n:2 * n], w[2 * n:]
         need = ctx.needs_input_grad
-        need_a, need_b = need[6:6 + n], need[6 + n:6 + 2 * n]
+        need_a, need_b = need[5:5 + n], need[5 + n:5 + 2 * n]
         needs = (need[0], any(need_a), any(need_b), need[2])
         got = None
         if (ctx.mode and not torch.is_grad_enabled()
@@ -1320,7 +1344,7 @@ class _RoutedLoraTrain(torch.autograd.Function):
         gx, ga, gb, gg = got
         ga = [g if nd else None for g, nd in zip(ga, need_a)] if needs[1] else [None] * n
         gb = [g if nd else None for g, nd in zip(gb, need_b)] if needs[2] else [None] * n
-        return (gx if needs[0] else None, None, gg if needs[3] else None, None, None, None, *ga, *gb)
+        return (gx if needs[0] else None, None, gg if needs[3] else None, None, None, *ga, *gb)
 
 
 def _fake_forward(info, x, *args):
@@ -1425,33 +1449,61 @@ def routed_lora(x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
             and not torch._C._are_functorch_transforms_active()
             and not torch._C._len_torch_dispatch_stack()
             and not torch._C._is_torch_function_mode_enabled()):
-        needs = _train_needs(x, lora_a, lora_b, expert_ids, gates)
-        if needs is not None:
-            return _RoutedLoraTrain.apply(x, expert_ids, gates, scaling, len(lora_a), needs, *lora_a, *lora_b)
+        plan = _train_plan(x, lora_a, lora_b, expert_ids, gates, scaling)
+        if plan is not None:
+            return _RoutedLoraTrain.apply(x, expert_ids, gates, scaling, plan, *lora_a, *lora_b)
     return _ROUTED_LORA(x, lora_a, lora_b, expert_ids, gates, scaling)
 
 
-def _train_needs(x, lora_a, lora_b, expert_ids, gates):
-    """The gradients a training call needs ``(dx, dA, dB, d_gates)`` if it takes the CPU training
-    path (``_RoutedLoraTrain``), else None: something needs a gradient, not deterministic mode,
-    the metadata a dense forward needs looks right (the op validates it for real; a bad argument
-    takes the registered path and gets its message there) and ``dense_saved_cheaper_cpu`` says
-    so."""
+def _train_plan(x, lora_a, lora_b, expert_ids, gates, scaling):
+    """Whether a training call (CPU tensors, grad enabled; see ``routed_lora``) takes the CPU
+    training path (``_RoutedLoraTrain``), in one pass over the arguments: None, or
+    ``(n_slices, needs, dense_forward)`` with ``needs`` the gradients it needs ``(dx, dA, dB,
+    d_gates)``. Taken where something needs a gradient, not in deterministic mode, the metadata
+    checks of ``validate_routed_lora`` pass (all on CPU; a bad argument takes the registered
+    path and gets its message there; the expert-id range is checked by the path itself) and
+    ``dense_saved_cheaper_cpu`` says so; ``dense_forward``: ``dense_cheaper_cpu``'s choice for
+    the forward (else the per-expert forward and the op's backward)."""
     T_ = torch.Tensor
-    if not (x.dim() == 2 and lora_a and len(lora_a) == len(lora_b) and type(gates) is T_
-            and all(type(t) is T_ and t.dim() == 3 for t in (*lora_a, *lora_b))
-            and isinstance(expert_ids, T_) and expert_ids.dim() == 2) or _backend.deterministic():
+    S = len(lora_a)
+    if not (S and len(lora_b) == S and x.dim() == 2 and x.dtype in DTYPES and type(gates) is T_
+            and type(expert_ids) is T_ and expert_ids.dim() == 2 and gates.dim() == 2
+            and type(lora_a[0]) is T_ and lora_a[0].dim() == 3) or _backend.deterministic():
         return None
-    needs = (x.requires_grad, any(a.requires_grad for a in lora_a),
-             any(b.requires_grad for b in lora_b), gates.requires_grad)
-    if not any(needs):
-        return None
+    dt = x.dtype
     T, d_in = x.shape
-    E, k = lora_a[0].shape[0], expert_ids.shape[1]
-    ranks = tuple(a.shape[1] for a in lora_a)
-    if dense_saved_cheaper_cpu(T, d_in, E, ranks, tuple(b.shape[1] for b in lora_b), k, needs):
-        return needs
-    return None
+    E = lora_a[0].shape[0]
+    ranks, d_outs = [], []
+    need_a = need_b = False
+    for a, b in zip(lora_a, lora_b):
+        if not (type(a) is T_ and type(b) is T_ and a.dtype is dt and b.dtype is dt and a.is_cpu
+                and b.is_cpu and a.dim() == 3 and b.dim() == 3):
+            return None
+        ea, r, da = a.shape
+        eb, n, rb = b.shape
+        if not (ea == E and eb == E and da == d_in and r >= 1 and rb == r):
+            return None
+        ranks.append(r)
+        d_outs.append(n)
+        need_a = need_a or a.requires_grad
+        need_b = need_b or b.requires_grad
+    if not (E > 0 and expert_ids.dtype in INDEX_DTYPES and expert_ids.is_cpu and gates.is_cpu
+            and gates.dtype in DTYPES and expert_ids.shape[0] == T and gates.shape == expert_ids.shape
+            and math.isfinite(scaling)):
+        return None
+    needs = (x.requires_grad, need_a, need_b, gates.requires_grad)
+    if not (needs[0] or need_a or need_b or needs[3]):
+        return None
+    choice = _train_choice(T, d_in, E, tuple(ranks), tuple(d_outs), expert_ids.shape[1], needs)
+    return None if choice is None else (S, needs, choice)
+
+
+@functools.lru_cache(maxsize=256)
+def _train_choice(T, d_in, E, ranks, d_outs, k, needs):
+    """None (not the training path), or whether its forward is dense (``_train_plan``)."""
+    if not dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs):
+        return None
+    return dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k)
 
 
 def routed_lora_add_(out, x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
