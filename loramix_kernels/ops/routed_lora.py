@@ -810,15 +810,17 @@ def _column_gates(E: int, ranks: tuple, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _gate_sum_matrix(E: int, ranks: tuple, scaling: float, pad: bool, dtype: torch.dtype,
-                     device: torch.device) -> torch.Tensor:
-    """``[sum_s E r_s, E (+ 1)]``: ``scaling`` where a rank column belongs to an expert, else 0,
-    so that ``(U * H) @ M`` is scaling * the sum of each expert's columns over the ranks and
-    slices (d_gates by one small GEMM instead of a strided reduction, a pad and a scale); with
-    ``pad``, a zero column 0 first (the empty slots' column of ``_train_gates``)."""
-    cols = _column_gates(E, ranks, device) + int(pad)
-    m = torch.zeros(cols.numel(), E + int(pad), dtype=dtype, device=device)
-    return m.index_put_((torch.arange(cols.numel(), device=device), cols),
+def _gate_sum_weights(E: int, ranks: tuple, scaling: float, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """Weights that sum the rank columns of ``U * H`` into each expert's d_gates, scaling
+    included: equal ranks, ``[r]`` (a matrix-vector product over the ranks of every (token,
+    slice, expert), then a sum over the slices); unequal ranks, ``[E, sum_s E r_s]`` (one GEMM
+    against its transpose)."""
+    if ranks.count(ranks[0]) == len(ranks):
+        return torch.full((ranks[0],), scaling, dtype=dtype, device=device)
+    cols = _column_gates(E, ranks, device)
+    m = torch.zeros(E, cols.numel(), dtype=dtype, device=device)
+    return m.index_put_((cols, torch.arange(cols.numel(), device=device)),
                         torch.tensor(scaling, dtype=dtype, device=device))
 
 
@@ -902,7 +904,7 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
     else:
         a_all = [a.reshape(-1, d_in) if a.dtype is acc else a.reshape(-1, d_in).to(acc) for a in lora_a]
         h = torch.empty(T, E * sum(ranks), dtype=acc, device=x.device)
-        for a, hs in zip(a_all, h.split([E * r for r in ranks], 1)):
+        for a, hs in zip(a_all, h.split_with_sizes([E * r for r in ranks], 1)):
             torch.mm(xf, a.t(), out=hs)
     gcols = _rank_gates(gE, E, ranks)
     hv = h.view(gcols.shape)
@@ -913,7 +915,7 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
         y = torch.nn.functional.linear(hg, b_cats[0])
     else:
         y = torch.empty(T, sum(b.shape[1] for b in lora_b), dtype=acc, device=x.device)
-        for hs, ys, bc in zip(hg.split([E * r for r in ranks], 1), y.split([b.shape[1] for b in lora_b], 1),
+        for hs, ys, bc in zip(hg.split_with_sizes([E * r for r in ranks], 1), y.split_with_sizes([b.shape[1] for b in lora_b], 1),
                               b_cats):
             torch.mm(hs, bc.t(), out=ys)
     # One reduction instead of an isfinite pass (a finite sum that overflows only costs the
@@ -952,19 +954,25 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
         return None
     d_outs = [b.shape[1] for b in lora_b]
     cols = [E * r for r in ranks]
-    dys = dyf.split(d_outs, 1) if S > 1 else (dyf,)
+    dys = dyf.split_with_sizes(d_outs, 1) if S > 1 else (dyf,)
     gx = ga = gb = gg = None
     if need_x or need_a or need_g:
         if S == 1:
             u = torch.mm(dyf, b_cats[0])
         else:
             u = torch.empty(T, sum(cols), dtype=acc, device=grad_y.device)
-            for dy, us, bc in zip(dys, u.split(cols, 1), b_cats):
+            for dy, us, bc in zip(dys, u.split_with_sizes(cols, 1), b_cats):
                 torch.mm(dy, bc, out=us)
-        if need_g:  # scaling * each expert's sum of U H, by one GEMM; gathered onto the slots
-            gg = torch.mm(u * h, _gate_sum_matrix(E, tuple(ranks), scaling, idx is not None, acc, u.device))
-            if idx is not None:
-                gg = gg.gather(1, idx)
+        if need_g:  # scaling * each expert's sum of U H; gathered onto the slots
+            wsum = _gate_sum_weights(E, tuple(ranks), scaling, acc, u.device)
+            uh = u * h
+            if wsum.dim() == 1:
+                gg = torch.mv(uh.view(-1, ranks[0]), wsum)
+                gg = gg.view(T, S, E).sum(1) if S > 1 else gg.view(T, E)
+            else:
+                gg = torch.mm(uh, wsum.t())
+            if idx is not None:  # column 0: the empty slots' zero
+                gg = torch.constant_pad_nd(gg, (1, 0)).gather(1, idx)
             if gg.dtype is not gates.dtype:
                 gg = gg.to(gates.dtype)
         if need_x or need_a:
@@ -974,7 +982,7 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
                 if len(a_alls) == 1:
                     gx = torch.mm(du, a_alls[0])
                 else:
-                    dus = du.split(cols, 1)
+                    dus = du.split_with_sizes(cols, 1)
                     gx = torch.mm(dus[0], a_alls[0])
                     for d, a in zip(dus[1:], a_alls[1:]):
                         gx.addmm_(d, a)
@@ -983,13 +991,13 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
             if need_a:
                 if _FUSE_A or S == 1:
                     ga_all = torch.mm(du.t(), xf)
-                    parts = ga_all.split(cols) if S > 1 else (ga_all,)
+                    parts = ga_all.split_with_sizes(cols) if S > 1 else (ga_all,)
                 else:
-                    parts = [torch.mm(d.t(), xf) for d in du.split(cols, 1)]
+                    parts = [torch.mm(d.t(), xf) for d in du.split_with_sizes(cols, 1)]
                 ga = [p.view(a.shape) if a.dtype is acc else p.view(a.shape).to(a.dtype)
                       for p, a in zip(parts, lora_a)]
     if need_b:
-        hgs = hg.split(cols, 1) if S > 1 else (hg,)
+        hgs = hg.split_with_sizes(cols, 1) if S > 1 else (hg,)
         gb = []
         for dy, hs, b, r, n in zip(dys, hgs, lora_b, ranks, d_outs):
             g = torch.mm(dy.t(), hs).view(n, E, r).permute(1, 0, 2)  # B_cat's layout -> [E, n, r]
@@ -1061,7 +1069,7 @@ def _sparse_forward(x, lora_a, lora_b, gates, scaling, needs, plan, acc):
     if S == 1:
         yr = torch.bmm(hg, bs[0].transpose(1, 2))
     else:
-        yr = torch.cat([torch.bmm(hs, b.transpose(1, 2)) for hs, b in zip(hg.split(ranks, 2), bs)], 2)
+        yr = torch.cat([torch.bmm(hs, b.transpose(1, 2)) for hs, b in zip(hg.split_with_sizes(ranks, 2), bs)], 2)
     y = torch.zeros(T, yr.shape[2], dtype=acc, device=x.device).index_add_(0, tok, yr.view(E * cap, -1))
     if not math.isfinite(y.sum().item()):
         return None
@@ -1087,7 +1095,7 @@ def _sparse_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
     ranks = [a.shape[1] for a in lora_a]
     d_outs = [b.shape[1] for b in lora_b]
     dyg = dyf.index_select(0, tok).view(E, cap, -1)
-    dygs = dyg.split(d_outs, 2) if S > 1 else (dyg,)
+    dygs = dyg.split_with_sizes(d_outs, 2) if S > 1 else (dyg,)
     gx = ga = gb = gg = None
     if need_x or need_a or need_g:
         bs = [b if b.dtype is acc else b.to(acc) for b in lora_b]
@@ -1108,10 +1116,10 @@ def _sparse_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
                 if gx.dtype is not x.dtype:
                     gx = gx.to(x.dtype)
             if need_a:
-                ga = [torch.bmm(d.transpose(1, 2), xg) for d in (du.split(ranks, 2) if S > 1 else (du,))]
+                ga = [torch.bmm(d.transpose(1, 2), xg) for d in (du.split_with_sizes(ranks, 2) if S > 1 else (du,))]
                 ga = [g if g.dtype is a.dtype else g.to(a.dtype) for g, a in zip(ga, lora_a)]
     if need_b:
-        gb = [torch.bmm(d.transpose(1, 2), hs) for d, hs in zip(dygs, hg.split(ranks, 2) if S > 1 else (hg,))]
+        gb = [torch.bmm(d.transpose(1, 2), hs) for d, hs in zip(dygs, hg.split_with_sizes(ranks, 2) if S > 1 else (hg,))]
         gb = [g if g.dtype is b.dtype else g.to(b.dtype) for g, b in zip(gb, lora_b)]
     return gx, ga, gb, gg
 
