@@ -1182,9 +1182,10 @@ def train_modes(monkeypatch):
     return calls
 
 
-def _grouped_case(seed, dtype, T=48, E=16, k=2, S=2, equal=True, widths=(12, 7)):
+def _grouped_case(seed, dtype, T=48, E=16, k=2, S=2, equal=True, widths=(12, 7), dup=False):
     """Sparse routing that takes the expert-grouped path (4 k <= E, every expert at most T / 4
-    tokens): -1 slots, duplicate-free rows, int32 or int64 ids."""
+    tokens): -1 slots, int32 or int64 ids; with ``dup``, every third token lists its first expert
+    twice."""
     g = torch.Generator().manual_seed(seed)
     d_in = 10
     ranks = [3] * S if equal else [3, 5, 2][:S]
@@ -1192,6 +1193,8 @@ def _grouped_case(seed, dtype, T=48, E=16, k=2, S=2, equal=True, widths=(12, 7))
     A = [(torch.randn(E, r, d_in, generator=g) / d_in ** 0.5).to(dtype) for r in ranks]
     B = [torch.randn(E, n, r, generator=g).to(dtype) for r, n in zip(ranks, widths[:S])]
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if dup:
+        ids[::3, 1] = ids[::3, 0]
     ids[torch.rand(T, k, generator=g) < 0.2] = -1
     ids = ids.to(torch.int32 if seed % 2 else torch.int64)
     gates = torch.rand(T, k, generator=g)
@@ -1205,13 +1208,14 @@ def _grouped_case(seed, dtype, T=48, E=16, k=2, S=2, equal=True, widths=(12, 7))
 def test_cpu_training_grouped_path_matches_oracle(dtype, needs, train_modes):
     """Sparse routing (top-2 of 16, the expert-grouped bmm path): y and every needed gradient
     equal the float64 oracle's, contiguous, in the inputs' dtypes; 1 or 2 slices, equal or
-    mixed ranks, -1 slots, contiguous and strided inputs."""
-    for seed, (S, equal, strided_in) in enumerate([(1, True, False), (2, True, True), (2, False, False),
-                                                    (2, False, True)]):
-        x, A, B, ids, gates, dy = _grouped_case(seed, dtype, S=S, equal=equal)
+    mixed ranks, -1 slots, an expert listed twice for a token, contiguous and strided inputs."""
+    for seed, (S, equal, strided_in, E, dup) in enumerate([
+            (1, True, False, 16, False), (2, True, True, 16, False), (2, False, False, 16, False),
+            (2, False, True, 16, False), (2, True, False, 32, True)]):
+        x, A, B, ids, gates, dy = _grouped_case(seed, dtype, S=S, equal=equal, E=E, dup=dup)
         if strided_in:
             x, A, B, gates, dy = strided(x), strided(A), strided(B), strided(gates), strided(dy)
-        assert rl._sparse_plan(ids, 16, 48) is not None
+        assert rl._sparse_plan(ids, E, 48) is not None
         y, leaves, got = _train_grads(x, A, B, ids, gates, dy, 0.7, needs)
         _assert_matches_oracle(y, leaves, got, x, A, B, ids, gates, dy, 0.7, dtype)
     assert train_modes and all(m == ("grouped", True) for m in train_modes)

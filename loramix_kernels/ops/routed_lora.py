@@ -45,12 +45,25 @@ Backward (``loramix::routed_lora_backward``)
   even where the Triton path sorts; large experts at sparse routing run the per-expert loop.
   Deterministic mode keeps the Triton path's choice (``_dense_on_device``).
 * Training on CPU (``routed_lora`` with grad, eager, plain CPU tensors, no autocast; where
-  ``dense_saved_cheaper_cpu`` picks the dense backward): a plain autograd function
-  (``_RoutedLoraTrain``) whose dense forward (``_dense_forward_train``) keeps the packed B of
-  every slice, the gates on the rank columns and h = x A^T (only those the needed gradients use),
-  and whose backward (``_dense_backward_saved``) runs on them: no repacking, no recomputed h, no
-  second validation, and no check of its result (a finite forward means finite inputs; it checks
+  ``dense_saved_cheaper_cpu`` picks the dense backward; ``_train_plan`` decides in one pass over
+  the arguments): a plain autograd function (``_RoutedLoraTrain``) whose forward keeps what its
+  backward reuses, so that the backward neither repacks the weights, nor recomputes h, nor
+  validates again, nor checks its result (a finite forward means finite inputs; it checks
   grad_y and otherwise runs the op ``routed_lora_backward``, as it does under create_graph).
+  Two forms:
+
+  - sparse routing (``4 k <= E`` and every expert at most T / 4 of the tokens,
+    ``_sparse_plan``): expert-grouped (``_sparse_forward`` / ``_sparse_backward``): the (token,
+    slot) pairs sorted by expert into ``[E, cap]`` rows, every product a ``bmm`` on the weights
+    as stored (PEFT layout, no repacking; dA / dB come out in it), only routed work (1/4 of the
+    dense rows or less). Benchmark (quick shapes, 1 thread): top-2 of 64 experts at T 64, about
+    1.9x the dense torch formulation.
+  - otherwise dense (``_train_forward`` / ``_train_backward``): every slice's A in one GEMM for
+    h, dx and dA; the gates scattered into a ``[T, E + 1]`` matrix (the scatter also checks the
+    expert-id range) or, for dense soft routing passed as ``arange(E)`` expanded (as
+    ``LoRAMixerLinear`` does), the gates themselves; d_gates by a matrix-vector product over the
+    ranks. About as fast as the dense torch formulation (which keeps B in the layout the GEMMs
+    want: ours repacks B from the PEFT layout on every call, and its gradient back).
 * Double backward (a gradient of these gradients) is not supported: it raises.
 
 Precision of each path (all accumulate in fp32; float64 inputs in float64)
@@ -862,9 +875,6 @@ def _rank_gates(gE, E, ranks):
     return gE.index_select(1, _column_gates(E, tuple(ranks), gE.device))
 
 
-_FUSE_A = True
-
-
 def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
     """The dense masked forward of a CPU training step (``_RoutedLoraTrain``), in fp32 (float64
     for float64 inputs): ``y_s = ((x A^T) * G) B_cat_s^T`` with every slice's A in one GEMM and G
@@ -891,21 +901,15 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
         check_index_range("routed_lora", "expert_ids", expert_ids, -1, E)
         raise
     xf = x if x.dtype is acc else x.to(acc)
-    if S == 1 or _FUSE_A:
-        if S == 1:
-            a_all = lora_a[0].reshape(-1, d_in)
-        elif ranks.count(ranks[0]) == S:  # one copy of every slice's A: one GEMM for h, dx and dA
-            a_all = torch.cat(lora_a).view(-1, d_in)
-        else:
-            a_all = torch.cat([a.reshape(-1, d_in) for a in lora_a])
-        if a_all.dtype is not acc:
-            a_all = a_all.to(acc)
-        h = torch.nn.functional.linear(xf, a_all)  # [T, R]
+    if S == 1:
+        a_all = lora_a[0].reshape(-1, d_in)
+    elif ranks.count(ranks[0]) == S:  # one copy of every slice's A: one GEMM for h, dx and dA
+        a_all = torch.cat(lora_a).view(-1, d_in)
     else:
-        a_all = [a.reshape(-1, d_in) if a.dtype is acc else a.reshape(-1, d_in).to(acc) for a in lora_a]
-        h = torch.empty(T, E * sum(ranks), dtype=acc, device=x.device)
-        for a, hs in zip(a_all, h.split_with_sizes([E * r for r in ranks], 1)):
-            torch.mm(xf, a.t(), out=hs)
+        a_all = torch.cat([a.reshape(-1, d_in) for a in lora_a])
+    if a_all.dtype is not acc:
+        a_all = a_all.to(acc)
+    h = torch.nn.functional.linear(xf, a_all)  # [T, R]
     gcols = _rank_gates(gE, E, ranks)
     hv = h.view(gcols.shape)
     hg = (hv.mul_(gcols) if not need_g else hv * gcols).view(h.shape)
@@ -923,9 +927,8 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
     if not math.isfinite(y.sum().item()):
         return None
     keep_b = need_x or need_a or need_g
-    a_keep = ([a_all] if not isinstance(a_all, list) else a_all) if need_x else []
-    saved = (idx, gE, h if need_g else None, hg if need_b else None, xf if need_a else None,
-             *(b_cats if keep_b else [None] * S), *a_keep)
+    saved = (idx, gE, h if need_g else None, hg if need_b else None, a_all if need_x else None,
+             xf if need_a else None, *(b_cats if keep_b else [None] * S))
     return (y if y.dtype is x.dtype else y.to(x.dtype)), saved
 
 
@@ -943,10 +946,9 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
     ``retain_graph`` reads them again). Gradients in the inputs' dtypes, contiguous (dA of
     several slices: row blocks of one matrix); None where not needed."""
     need_x, need_a, need_b, need_g = needs
-    idx, gE, h, hg, xf, *rest = saved
+    idx, gE, h, hg, a_all, xf, *b_cats = saved
     T = grad_y.shape[0]
     E, S = lora_a[0].shape[0], len(lora_a)
-    b_cats, a_alls = rest[:S], rest[S:]
     ranks = [a.shape[1] for a in lora_a]
     acc = gE.dtype
     dyf = grad_y if grad_y.dtype is acc else grad_y.to(acc)
@@ -979,21 +981,12 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
             gcols = _rank_gates(gE, E, ranks)
             du = u.view(gcols.shape).mul_(gcols).view(u.shape)
             if need_x:
-                if len(a_alls) == 1:
-                    gx = torch.mm(du, a_alls[0])
-                else:
-                    dus = du.split_with_sizes(cols, 1)
-                    gx = torch.mm(dus[0], a_alls[0])
-                    for d, a in zip(dus[1:], a_alls[1:]):
-                        gx.addmm_(d, a)
+                gx = torch.mm(du, a_all)
                 if gx.dtype is not x.dtype:
                     gx = gx.to(x.dtype)
             if need_a:
-                if _FUSE_A or S == 1:
-                    ga_all = torch.mm(du.t(), xf)
-                    parts = ga_all.split_with_sizes(cols) if S > 1 else (ga_all,)
-                else:
-                    parts = [torch.mm(d.t(), xf) for d in du.split_with_sizes(cols, 1)]
+                ga_all = torch.mm(du.t(), xf)
+                parts = ga_all.split_with_sizes(cols) if S > 1 else (ga_all,)
                 ga = [p.view(a.shape) if a.dtype is acc else p.view(a.shape).to(a.dtype)
                       for p, a in zip(parts, lora_a)]
     if need_b:
