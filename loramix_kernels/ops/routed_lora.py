@@ -871,7 +871,8 @@ def _rank_gates(gE, E, ranks):
     for equal ranks (no copy), else a gathered ``[T, R]`` copy."""
     if ranks.count(ranks[0]) == len(ranks):
         st = gE.stride()
-        return gE.as_strided((gE.shape[0], len(ranks), E, ranks[0]), (st[0], 0, st[1], 0), gE.storage_offset())
+        return gE.as_strided((gE.shape[0], len(ranks), E, ranks[0]), (st[0], 0, st[1], 0),
+                             gE.storage_offset())
     return gE.index_select(1, _column_gates(E, tuple(ranks), gE.device))
 
 
@@ -919,8 +920,8 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
         y = torch.nn.functional.linear(hg, b_cats[0])
     else:
         y = torch.empty(T, sum(b.shape[1] for b in lora_b), dtype=acc, device=x.device)
-        for hs, ys, bc in zip(hg.split_with_sizes([E * r for r in ranks], 1), y.split_with_sizes([b.shape[1] for b in lora_b], 1),
-                              b_cats):
+        for hs, ys, bc in zip(hg.split_with_sizes([E * r for r in ranks], 1),
+                              y.split_with_sizes([b.shape[1] for b in lora_b], 1), b_cats):
             torch.mm(hs, bc.t(), out=ys)
     # One reduction instead of an isfinite pass (a finite sum that overflows only costs the
     # exact per-expert recompute).
@@ -1062,7 +1063,8 @@ def _sparse_forward(x, lora_a, lora_b, gates, scaling, needs, plan, acc):
     if S == 1:
         yr = torch.bmm(hg, bs[0].transpose(1, 2))
     else:
-        yr = torch.cat([torch.bmm(hs, b.transpose(1, 2)) for hs, b in zip(hg.split_with_sizes(ranks, 2), bs)], 2)
+        yr = torch.cat([torch.bmm(hs, b.transpose(1, 2))
+                        for hs, b in zip(hg.split_with_sizes(ranks, 2), bs)], 2)
     y = torch.zeros(T, yr.shape[2], dtype=acc, device=x.device).index_add_(0, tok, yr.view(E * cap, -1))
     if not math.isfinite(y.sum().item()):
         return None
@@ -1109,10 +1111,12 @@ def _sparse_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
                 if gx.dtype is not x.dtype:
                     gx = gx.to(x.dtype)
             if need_a:
-                ga = [torch.bmm(d.transpose(1, 2), xg) for d in (du.split_with_sizes(ranks, 2) if S > 1 else (du,))]
+                dus = du.split_with_sizes(ranks, 2) if S > 1 else (du,)
+                ga = [torch.bmm(d.transpose(1, 2), xg) for d in dus]
                 ga = [g if g.dtype is a.dtype else g.to(a.dtype) for g, a in zip(ga, lora_a)]
     if need_b:
-        gb = [torch.bmm(d.transpose(1, 2), hs) for d, hs in zip(dygs, hg.split_with_sizes(ranks, 2) if S > 1 else (hg,))]
+        hgs = hg.split_with_sizes(ranks, 2) if S > 1 else (hg,)
+        gb = [torch.bmm(d.transpose(1, 2), hs) for d, hs in zip(dygs, hgs)]
         gb = [g if g.dtype is b.dtype else g.to(b.dtype) for g, b in zip(gb, lora_b)]
     return gx, ga, gb, gg
 
