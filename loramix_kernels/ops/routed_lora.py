@@ -914,8 +914,14 @@ def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):
     gcols = _rank_gates(gE, E, ranks)
     hv = h.view(gcols.shape)
     hg = (hv.mul_(gcols) if not need_g else hv * gcols).view(h.shape)
-    b_cats = [b.permute(1, 0, 2).to(acc, memory_format=torch.contiguous_format).view(b.shape[1], -1)
-              if b.dtype is not acc else b.permute(1, 0, 2).reshape(b.shape[1], -1) for b in lora_b]
+    if S > 1 and ranks.count(ranks[0]) == S:  # one copy of every slice's B: [d_out, E, r]
+        b_all = torch.cat([b.permute(1, 0, 2) for b in lora_b])
+        if b_all.dtype is not acc:
+            b_all = b_all.to(acc)
+        b_cats = b_all.view(-1, E * ranks[0]).split_with_sizes([b.shape[1] for b in lora_b])
+    else:
+        b_cats = [b.permute(1, 0, 2).to(acc, memory_format=torch.contiguous_format).view(b.shape[1], -1)
+                  if b.dtype is not acc else b.permute(1, 0, 2).reshape(b.shape[1], -1) for b in lora_b]
     if S == 1:
         y = torch.nn.functional.linear(hg, b_cats[0])
     else:
@@ -1299,7 +1305,7 @@ class _RoutedLoraTrain(torch.autograd.Function):
         inputs = (x, expert_ids, gates, *w)  # saved as given: the op backward's double-backward error
         # Detached aliases (same data and version counters): the kernels' ops and views then
         # skip autograd's bookkeeping for inputs that require grad.
-        x, gates, w = x.detach(), gates.detach(), [t.detach() for t in w]
+        x, gates, w = x.detach(), gates.detach(), [t.detach() if t.requires_grad else t for t in w]
         lora_a, lora_b = w[:n], w[n:]
         got = None
         mode = 0
