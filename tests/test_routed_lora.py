@@ -1046,14 +1046,14 @@ def _train_leaves(x, A, B, gates, needs):
 def saved_path_calls(monkeypatch):
     """Counts the backwards that ran on the forward's saved tensors (and gave a result)."""
     calls = []
-    orig = rl._dense_backward_saved
+    orig = rl._train_backward
 
     def counted(*args):
         got = orig(*args)
         calls.append(got is not None)
         return got
 
-    monkeypatch.setattr(rl, "_dense_backward_saved", counted)
+    monkeypatch.setattr(rl, "_train_backward", counted)
     return calls
 
 
@@ -1139,3 +1139,179 @@ def test_cpu_training_path_isolation_and_double_backward(saved_path_calls):
         (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="routed_lora: double backward"):
             torch.autograd.grad(gx.sum(), A[0])
+
+
+def _train_grads(x, A, B, ids, gates, dy, scaling, needs):
+    """y and the gradients autograd asks for, through routed_lora's CPU training path."""
+    leaves = _train_leaves(x, A, B, gates, needs)
+    with loramix_kernels.use_backend("auto"):
+        y = loramix_kernels.routed_lora(x, A, B, ids, gates, scaling)
+        got = torch.autograd.grad(y, leaves, dy)
+    return y, leaves, got
+
+
+def _assert_matches_oracle(y, leaves, got, x, A, B, ids, gates, dy, scaling, dtype):
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    sub = dict(zip(map(id, leaves), ref_leaves))
+    rx, rA, rB, rg = ([sub.get(id(t), t) for t in ts] for ts in ([x], A, B, [gates]))
+    want_y = oracle(rx[0], rA, rB, ids, rg[0], scaling)
+    want = torch.autograd.grad(want_y, ref_leaves, dy.double())
+    close = ((lambda a, b: torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)) if dtype == torch.float64
+             else (lambda a, b: assert_close(a, b, dtype)))
+    assert y.dtype == dtype and y.is_contiguous()
+    close(y, want_y)
+    for t, gr, w in zip(leaves, got, want):
+        assert gr.dtype == t.dtype and gr.shape == t.shape and gr.is_contiguous()
+        close(gr, w)
+
+
+@pytest.fixture
+def train_modes(monkeypatch):
+    """Which backward ran on the forward's saved tensors: 'dense' (_train_backward) or 'grouped'
+    (_sparse_backward), and whether it gave a result."""
+    calls = []
+    for name, tag in (("_train_backward", "dense"), ("_sparse_backward", "grouped")):
+        orig = getattr(rl, name)
+
+        def counted(*args, _orig=orig, _tag=tag):
+            got = _orig(*args)
+            calls.append((_tag, got is not None))
+            return got
+
+        monkeypatch.setattr(rl, name, counted)
+    return calls
+
+
+def _grouped_case(seed, dtype, T=48, E=16, k=2, S=2, equal=True, widths=(12, 7), dup=False):
+    """Sparse routing that takes the expert-grouped path (4 k <= E, every expert at most T / 4
+    tokens): -1 slots, int32 or int64 ids; with ``dup``, every third token lists its first expert
+    twice."""
+    g = torch.Generator().manual_seed(seed)
+    d_in = 10
+    ranks = [3] * S if equal else [3, 5, 2][:S]
+    x = torch.randn(T, d_in, generator=g).to(dtype)
+    A = [(torch.randn(E, r, d_in, generator=g) / d_in ** 0.5).to(dtype) for r in ranks]
+    B = [torch.randn(E, n, r, generator=g).to(dtype) for r, n in zip(ranks, widths[:S])]
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if dup:
+        ids[::3, 1] = ids[::3, 0]
+    ids[torch.rand(T, k, generator=g) < 0.2] = -1
+    ids = ids.to(torch.int32 if seed % 2 else torch.int64)
+    gates = torch.rand(T, k, generator=g)
+    gates = gates.double() if dtype == torch.float64 else gates
+    dy = torch.randn(T, sum(widths[:S]), generator=g).to(dtype)
+    return x, A, B, ids, gates, dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("needs", NEEDS_PATTERNS, ids=lambda n: "".join("xabg"[i] for i in range(4) if n[i]))
+def test_cpu_training_grouped_path_matches_oracle(dtype, needs, train_modes):
+    """Sparse routing (top-2 of 16, the expert-grouped bmm path): y and every needed gradient
+    equal the float64 oracle's, contiguous, in the inputs' dtypes; 1 or 2 slices, equal or
+    mixed ranks, -1 slots, an expert listed twice for a token, contiguous and strided inputs."""
+    for seed, (S, equal, strided_in, E, dup) in enumerate([
+            (1, True, False, 16, False), (2, True, True, 16, False), (2, False, False, 16, False),
+            (2, False, True, 16, False), (2, True, False, 32, True)]):
+        x, A, B, ids, gates, dy = _grouped_case(seed, dtype, S=S, equal=equal, E=E, dup=dup)
+        if strided_in:
+            x, A, B, gates, dy = strided(x), strided(A), strided(B), strided(gates), strided(dy)
+        assert rl._sparse_plan(ids, E, 48) is not None
+        y, leaves, got = _train_grads(x, A, B, ids, gates, dy, 0.7, needs)
+        _assert_matches_oracle(y, leaves, got, x, A, B, ids, gates, dy, 0.7, dtype)
+    assert train_modes and all(m == ("grouped", True) for m in train_modes)
+
+
+def test_cpu_training_grouped_path_isolation_and_retain_graph(train_modes):
+    """Grouped path: an inf weight of an expert no token uses gives a finite y and gradients equal
+    to the per-expert reference (the forward declines, the op runs); a non-finite grad_y row
+    reaches only its token's experts (the backward declines); a second backward (retain_graph)
+    equals the first."""
+    x, A, B, ids, gates, dy = _grouped_case(0, torch.float32)
+    unused = sorted(set(range(16)) - set(ids.unique().tolist()))
+    needs = (True, True, True, True)
+    leaves = _train_leaves(x, A, B, gates, needs)
+    with loramix_kernels.use_backend("auto"):
+        y = loramix_kernels.routed_lora(x, A, B, ids, gates, 1.5)
+        first = torch.autograd.grad(y, leaves, dy, retain_graph=True)
+        second = torch.autograd.grad(y, leaves, dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert train_modes == [("grouped", True)] * 2
+    _assert_matches_oracle(y, leaves, first, x, A, B, ids, gates, dy, 1.5, torch.float32)
+
+    if unused:  # an expert with no token: its inf never reaches y or any gradient
+        train_modes.clear()
+        A2 = [a.detach().clone() for a in A]
+        A2[0][unused[0], 0, 0] = float("inf")
+        leaves = _train_leaves(x.detach().clone(), A2, [b.detach() for b in B], gates.detach().clone(), needs)
+        with loramix_kernels.use_backend("auto"):
+            y2 = loramix_kernels.routed_lora(leaves[0], A2, leaves[3:5], ids, leaves[-1], 1.5)
+            got = torch.autograd.grad(y2, leaves, dy)
+        assert train_modes == [] and torch.isfinite(y2).all()
+        torch.testing.assert_close(y2, y.detach())
+        for gr, w in zip(got, first):
+            fin = torch.isfinite(w)
+            torch.testing.assert_close(gr[fin], w[fin])
+
+    train_modes.clear()
+    dy2 = dy.clone()
+    dy2[5, 1] = float("nan")
+    leaves = _train_leaves(x, A, B, gates, needs)
+    with loramix_kernels.use_backend("auto"):
+        y = loramix_kernels.routed_lora(x, A, B, ids, gates, 1.5)
+        got = torch.autograd.grad(y, leaves, dy2)
+    assert train_modes == [("grouped", False)]
+    want = routed_lora_backward_ref(dy2, x.detach(), [a.detach() for a in A], [b.detach() for b in B],
+                                    ids, gates.detach(), 1.5)
+    want = [want[0], *want[1], *want[2], want[3]]
+    for gr, w in zip(got, want):
+        fin = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(gr), fin)
+        torch.testing.assert_close(gr[fin], w[fin])
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped", "soft"])
+@pytest.mark.parametrize("bad", [-2, 16, 1000])
+def test_cpu_training_path_rejects_out_of_range_ids(path, bad):
+    """The training path checks the expert-id range by its scatter / bincount instead of
+    validate_routed_lora's aminmax: an id below -1 or >= E still raises the op's error."""
+    if path == "grouped":
+        x, A, B, ids, gates, _ = _grouped_case(0, torch.float32)
+    else:
+        x, A, B, ids, gates, _ = _grouped_case(0, torch.float32, T=6, E=16, k=16)
+    if path == "soft":  # arange(E) expanded but for one id: not taken for soft routing
+        row = torch.arange(16)
+        row[1] = bad
+        ids = row.expand(6, 16)
+    else:
+        ids = ids.clone()
+        ids[3, 1] = bad
+    x.requires_grad_(True)
+    with loramix_kernels.use_backend("auto"), pytest.raises(Exception, match=r"routed_lora: expert_ids"):
+        loramix_kernels.routed_lora(x, A, B, ids, gates, 1.0)
+
+
+@pytest.mark.parametrize("strided_in", [False, True])
+def test_cpu_training_soft_routing_fast_path(strided_in, train_modes):
+    """Dense soft routing passed as arange(E) expanded over the tokens (LoRAMixerLinear's form):
+    the gates are used directly (no scatter); the result equals the oracle's and that of the same
+    ids materialised (the scatter path), including strided gates and weights."""
+    E, T = 6, 20
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, 12, generator=g)
+    A = [torch.randn(E, 4, 12, generator=g) / 12 ** 0.5 for _ in range(3)]
+    B = [torch.randn(E, n, 4, generator=g) for n in (10, 5, 5)]
+    gates = torch.softmax(torch.randn(T, E, generator=g), -1)
+    dy = torch.randn(T, 20, generator=g)
+    ids = torch.arange(E, dtype=torch.int32).expand(T, E)
+    assert rl._train_gates(ids, gates, E, 1.0, torch.float32)[1] is None  # no scatter
+    assert rl._train_gates(ids.clone(), gates, E, 1.0, torch.float32)[1] is not None
+    if strided_in:
+        x, A, B, gates, dy = strided(x), strided(A), strided(B), strided(gates), strided(dy)
+    needs = (True, True, True, True)
+    y, leaves, got = _train_grads(x, A, B, ids, gates, dy, 0.5, needs)
+    _assert_matches_oracle(y, leaves, got, x, A, B, ids, gates, dy, 0.5, torch.float32)
+    y2, _, got2 = _train_grads(x, A, B, ids.contiguous().clone(), gates, dy, 0.5, needs)
+    torch.testing.assert_close(y, y2)
+    for a, b in zip(got, got2):
+        torch.testing.assert_close(a, b)
+    assert train_modes == [("dense", True)] * 2
