@@ -66,6 +66,26 @@ void fill_mask(T* m, const at::Tensor& tree_mask, const std::vector<int64_t>& ba
   }
 }
 
+// Per-thread scratch for the gathered K / V and the mask, reused from call to call: fresh
+// allocations of this size come from the OS as new pages, and their page faults cost more than the
+// attention at decode sizes (measured: 64 one-node rows over 170 positions, 3.1 ms of a 4.2 ms call).
+// Held up to kScratchBytes per buffer; larger calls (long prefills) allocate as usual.
+constexpr int64_t kScratchBytes = int64_t{32} << 20;
+
+at::Tensor scratch(at::Tensor& slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const int64_t n = c10::multiply_integers(sizes);
+  const int64_t bytes = n * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes > kScratchBytes) return at::empty(sizes, options);
+  if (!slot.defined() || slot.numel() < n || slot.dtype() != options.dtype()) {
+    slot = at::empty({std::max<int64_t>(n, 1)}, options);
+  }
+  return slot.narrow(0, 0, n).view(sizes);
+}
+
+struct Scratch {
+  at::Tensor k, v, mask;
+};
+
 // Status of the fast path: the output is the answer; or the Python kernel must run instead; or
 // (with `check`) a value the op's checks reject -- the Python op then names it.
 constexpr int64_t kOk = 0, kFallback = 1, kInvalid = 2;
@@ -146,8 +166,9 @@ std::tuple<at::Tensor, int64_t> tree_attention_cpu(const at::Tensor& q, const at
   const int64_t L = Lp + N;
   // Gathered K / V [B, L, Hkv, D]: row p < Lp is prefix position p (zero past the request's own
   // prefix), row Lp + i is tree node i at position base + i.
-  at::Tensor kg = at::empty({B, L, Hkv, D}, q.options());
-  at::Tensor vg = at::empty({B, L, Hkv, D}, q.options());
+  thread_local Scratch ws;
+  at::Tensor kg = scratch(ws.k, {B, L, Hkv, D}, q.options());
+  at::Tensor vg = scratch(ws.v, {B, L, Hkv, D}, q.options());
   const int64_t es = q.element_size(), row_bytes = Hkv * D * es;
   char* kd = static_cast<char*>(kg.data_ptr());
   char* vd = static_cast<char*>(vg.data_ptr());
@@ -191,7 +212,7 @@ std::tuple<at::Tensor, int64_t> tree_attention_cpu(const at::Tensor& q, const at
   });
   const bool fold = N * G <= fold_max_rows;
   const int64_t rows = fold ? G : 1;
-  at::Tensor mask = at::empty({B, N, rows, L}, q.options());
+  at::Tensor mask = scratch(ws.mask, {B, N, rows, L}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_mask", [&] {
     fill_mask<scalar_t>(mask.data_ptr<scalar_t>(), tree_mask, base, B, N, rows, Lp);
   });

@@ -120,6 +120,38 @@ def test_tree_attention_native_equals_torch(dtype):
             tree_attention(*args[:4], bad, args[5])
 
 
+def test_tree_attention_native_scratch_reuse():
+    """The native kernel reuses per-thread scratch for the gathered K / V and the mask: calls of
+    shrinking, growing and other-dtype shapes in a row (and from another thread) each equal the
+    torch kernel's result, and never return the scratch itself."""
+    import threading
+
+    cases = [(5, 7, 4, 2, 16, 8, [40, 3, 17, 0, 25], torch.float32),
+             (2, 1, 4, 2, 16, 8, [9, 30], torch.float32),  # smaller: a view of the same scratch
+             (3, 4, 4, 1, 8, 4, [12, 5, 60], torch.bfloat16),  # other dtype: new scratch
+             (6, 3, 4, 2, 16, 8, [70, 1, 2, 33, 8, 90], torch.float32)]  # larger: grown
+    outs, errors = [], []
+
+    def run_all():
+        try:
+            for i, (B, N, Hq, Hkv, D, bs, pl, dt) in enumerate(cases):
+                _, args = make_attention_case(B, N, Hq, Hkv, D, bs, pl, dt, "random", seed=i)
+                a, b = both(lambda: tree_attention(*args, 0.3))
+                outs.append(a)
+                tol = dict(atol=2e-2, rtol=2e-2) if dt == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(a, b, **tol)
+        except Exception as e:  # re-raised in the main thread
+            errors.append(e)
+
+    run_all()
+    t = threading.Thread(target=run_all)
+    t.start()
+    t.join()
+    assert not errors, errors
+    ptrs = {o.data_ptr() for o in outs}
+    assert len(ptrs) == len(outs)  # every output is its own tensor
+
+
 def test_lm_head_topk_and_route_topk_native_equal_torch():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(5, 16, generator=g)
