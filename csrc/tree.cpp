@@ -134,6 +134,9 @@ std::tuple<at::Tensor, int64_t> tree_attention_cpu(const at::Tensor& q, const at
                                                 const at::Tensor& tree_mask, double scale,
                                                 int64_t fold_max_rows, bool check,
                                                 bool check_meta) {
+  // Below autograd: nothing here records a graph (tree_attention has no gradient), so no graph
+  // can keep the per-thread scratch below alive past this call.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (check_meta && !metadata_ok(q, k_cache, v_cache, block_table, seq_lens, tree_mask)) {
     return {at::empty({0}, q.options()), kInvalid};
   }

@@ -50,6 +50,7 @@ def backend() -> str:
         if name not in _BACKENDS:
             raise ValueError(f"LORAMIX_BACKEND must be one of {_BACKENDS}, got {name!r}")
         _backend = name
+        _changed()
     return _backend
 
 

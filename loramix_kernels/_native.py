@@ -205,19 +205,19 @@ def install_direct(name: str) -> bool:
     return True
 
 
+@torch.compiler.disable
 def sync_direct() -> None:
     """Tell the direct kernels whether to hand every call to the Python kernel: while they are
-    switched off (:func:`set_direct`) or CPU tensors must run the Triton kernels under the
-    interpreter (``LORAMIX_BACKEND=triton``; an invalid value is left to the Python kernel to
-    report). Called at install and whenever the backend changes."""
+    switched off (:func:`set_direct`), while the backend is not decided yet (``LORAMIX_BACKEND``
+    is read, and an invalid value reported, at the first op call, which then runs in Python), and
+    while it is ``triton`` (CPU tensors take the Triton kernels under the interpreter, or the
+    Python kernel reports that they cannot). Called at install and whenever the backend is set
+    (``_backend.backend``'s first read, ``use_backend``)."""
     delegate = op("_direct_delegate")
     if delegate is None:
         return
-    try:
-        triton_on_cpu = _backend.INTERPRET and _backend.backend() == "triton"
-    except ValueError:
-        triton_on_cpu = True
-    delegate(not _direct_enabled or triton_on_cpu)
+    name = _backend._backend  # not backend(): that would read the environment now, at import
+    delegate(not _direct_enabled or name is None or name == "triton")
 
 
 def set_direct(enabled: bool) -> bool:

@@ -277,3 +277,78 @@ def test_route_topk_direct_under_autograd():
         assert not any(t.requires_grad for t in out)
         out = route_topk(x.requires_grad_(True), 3, False)
         assert out[0].requires_grad and out[2].requires_grad
+
+
+def _fresh_process(code, **env):
+    import os
+    import subprocess
+    import sys
+
+    full = dict(os.environ, **env)
+    for var in ("TRITON_INTERPRET", "LORAMIX_BACKEND"):
+        if var not in env:
+            full.pop(var, None)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                          timeout=300)
+
+
+_FIRST_CALLS = """
+import sys, torch, loramix_kernels as lk
+calls = []
+sys.setprofile(lambda fr, ev, arg: calls.append(1) if ev == 'call' and fr.f_code.co_name == 'impl' else None)
+h, w = torch.randn(2, 16), torch.randn(40, 16)
+for _ in range(3):
+    try:
+        lk.lm_head_topk(h, w, 3)
+        lk.route_topk(h, 2)
+    except Exception as e:
+        print(type(e).__name__, e)
+sys.setprofile(None)
+print('python kernel calls', len(calls))
+"""
+
+
+def test_direct_kernels_read_the_backend_at_the_first_call():
+    """LORAMIX_BACKEND is read at the first op call (which runs the Python kernel), as for every
+    op: then the direct kernels take over; an invalid or unusable value is reported by every
+    call of every op, whatever its dtype or k."""
+    r = _fresh_process(_FIRST_CALLS)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "1", r.stdout  # the first call only
+    r = _fresh_process(_FIRST_CALLS, LORAMIX_BACKEND="bogus")
+    assert r.stdout.count("ValueError LORAMIX_BACKEND must be one of") == 3, r.stdout
+    r = _fresh_process(_FIRST_CALLS, LORAMIX_BACKEND="triton")
+    assert r.stdout.count("RuntimeError LORAMIX_BACKEND=triton on CPU tensors needs") == 3, r.stdout
+    r = _fresh_process("import os, torch, loramix_kernels as lk\n"
+                       "os.environ['LORAMIX_BACKEND'] = 'bogus'\n"  # set after import: still read
+                       "lk.lm_head_topk(torch.randn(1, 4), torch.randn(5, 4), 2)")
+    assert "LORAMIX_BACKEND must be one of" in r.stderr
+
+
+def test_tree_attention_native_scratch_not_kept_by_autograd():
+    """The scratch never ends up in an autograd graph: a thread whose first call ran under
+    inference_mode (scratch made of inference tensors) later serves a call with q requiring grad,
+    and a later call does not change an earlier output."""
+    import threading
+
+    _, args = make_attention_case(2, 3, 4, 2, 8, 4, [5, 9], torch.float32, "random", seed=4)
+    _, other = make_attention_case(2, 3, 4, 2, 8, 4, [11, 2], torch.float32, "random", seed=5)
+    errors = []
+
+    def run():
+        try:
+            with reference_path():
+                with torch.inference_mode():
+                    tree_attention(*other, 0.3)
+                q = args[0].clone().requires_grad_(True)
+                out = tree_attention(q, *args[1:], 0.3)
+                kept = out.detach().clone()
+                tree_attention(*other, 0.3)
+                assert torch.equal(out.detach(), kept)
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors, errors
