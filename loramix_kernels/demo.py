@@ -46,7 +46,7 @@ PRESETS = {
     "full": dict(hidden=128, layers=8, heads=4, kv_heads=2, ffn=256, draft_layers=2,
                  experts=4, rank=8, top_k=2, seq=96, batch=8, steps=600, mixer_steps=60,
                  lr=3e-3, corpus_bytes=600_000, prompts=8, new_tokens=64,
-                 chain_len=4, kappa=2, num_anchors=1, hf_prompts=4, repeats=5),
+                 chain_len=4, kappa=2, num_anchors=1, hf_prompts=4, repeats=4),
     "quick": dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, draft_layers=1,
                   experts=4, rank=4, top_k=2, seq=64, batch=8, steps=80, mixer_steps=10,
                   lr=4e-3, corpus_bytes=150_000, prompts=4, new_tokens=32,
