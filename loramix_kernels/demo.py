@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -46,7 +47,7 @@ PRESETS = {
     "full": dict(hidden=128, layers=8, heads=4, kv_heads=2, ffn=256, draft_layers=2,
                  experts=4, rank=8, top_k=2, seq=96, batch=8, steps=600, mixer_steps=60,
                  lr=3e-3, corpus_bytes=600_000, prompts=8, new_tokens=64,
-                 chain_len=4, kappa=2, num_anchors=1, hf_prompts=4, repeats=4),
+                 chain_len=6, kappa=2, num_anchors=1, hf_prompts=4, repeats=4),
     "quick": dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, draft_layers=1,
                   experts=4, rank=4, top_k=2, seq=64, batch=8, steps=80, mixer_steps=10,
                   lr=4e-3, corpus_bytes=150_000, prompts=4, new_tokens=32,
@@ -126,17 +127,32 @@ def inject_mixer(model, p):
     return model
 
 
-def draft_view(model, draft_layers):
+def draft_view(model, draft_layers, experts=True):
     """A transformers ``LlamaForCausalLM`` made of the target's first ``draft_layers`` layers, final
-    norm and LM head (shared modules, no copy): the draft as transformers sees it."""
+    norm and LM head (shared modules, no copy): the draft as transformers sees it. ``experts=False``:
+    each LoRA-Mixer projection of those layers replaced by its frozen base layer (the engine's
+    ``draft_experts=False``; shallow copies of the layers, the weights still shared)."""
     from transformers import LlamaForCausalLM
+
+    from .nn import LoRAMixerLinear
+
+    def base_layer(layer):
+        new = copy.copy(layer)
+        new._modules = dict(layer._modules)
+        for name, child in layer.named_children():
+            if isinstance(child, LoRAMixerLinear):
+                new._modules[name] = child.base
+            elif any(isinstance(m, LoRAMixerLinear) for m in child.modules()):
+                new._modules[name] = base_layer(child)
+        return new
 
     cfg = model.config.__class__.from_dict(model.config.to_dict())
     cfg.num_hidden_layers = draft_layers
     with torch.device("meta"):
         d = LlamaForCausalLM(cfg)
     d.model.embed_tokens = model.model.embed_tokens
-    d.model.layers = torch.nn.ModuleList(list(model.model.layers[:draft_layers]))
+    layers = list(model.model.layers[:draft_layers])
+    d.model.layers = torch.nn.ModuleList(layers if experts else [base_layer(m) for m in layers])
     d.model.norm = model.model.norm
     d.model.rotary_emb = model.model.rotary_emb
     d.lm_head = model.lm_head
@@ -293,8 +309,12 @@ def run(args) -> dict:
     prompts = make_prompts(text, p["prompts"])
     n = p["new_tokens"]
     d = p["draft_layers"]
+    # The draft: the target's first d layers through their base projections (no LoRA-Mixer
+    # experts: about a third of a layer's host time at these sizes, and the early-exit head above
+    # them proposes as well); the target verifies with its experts, so the output is unchanged.
     kw = dict(draft_layers=d, chain_len=p["chain_len"], kappa=p["kappa"], max_batch=len(prompts),
-              num_anchors=p["num_anchors"], max_len=max(map(len, prompts)) + n + 64)
+              num_anchors=p["num_anchors"], max_len=max(map(len, prompts)) + n + 64,
+              draft_experts=False)
     eng = Engine(model, overlap=True, **kw)
     eng_seq = Engine(model, overlap=False, **kw)
     eng_fresh = Engine(model, overlap=False, reuse=False, **kw)
@@ -321,7 +341,7 @@ def run(args) -> dict:
                 best[k] = v
     plain, mirror, mirror_seq, fresh = best["plain"], best["mirror"], best["mirror_seq"], best["fresh"]
     # transformers: plain greedy generate and assisted generation on the same weights.
-    draft = draft_view(model, d)
+    draft = draft_view(model, d, experts=kw["draft_experts"])  # the engine's own draft
     hp = prompts[:p["hf_prompts"]]
     run_hf(model, draft, [hp[0][:8]], 4, device, True)  # warm-up
     # The same prompts one at a time on the engine (batch 1, as transformers' assisted generation).
@@ -409,7 +429,7 @@ def run(args) -> dict:
         "plain_elapsed_s": per_prompt_plain_s,
         "tree": {"nodes": eng.N, "chain_len": p["chain_len"], "siblings": True, "kappa": p["kappa"],
                  "branches_per_request": eng.num_branches, "anchors": p["num_anchors"],
-                 "draft_layers": d,
+                 "draft_layers": d, "draft_experts": False,
                  "target_layers": p["layers"]},
         "model": {k: p[k] for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "experts",
                                     "rank", "top_k")},

@@ -54,10 +54,12 @@ Python-side state: compile models with ``pack_qkv=False``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import threading
 from collections import OrderedDict
 
 import torch
@@ -70,7 +72,7 @@ from .ops.routed_lora import routed_lora
 __all__ = [
     "ROUTING_MODES", "LoRAMixerLinear", "LoRAMixerGroup", "inject", "from_peft", "arrow_init",
     "expert_prototypes", "set_routing", "mixer_modules", "mark_only_mixer_trainable",
-    "parameter_report", "save_mixer", "load_mixer",
+    "parameter_report", "save_mixer", "load_mixer", "base_only",
 ]
 
 ROUTER_KINDS = ("linear", "arrow")
@@ -87,6 +89,27 @@ def _route_topk(logits, k, renormalize):
     from .ops.routing import route_topk
 
     return route_topk(logits, k, renormalize)
+
+
+class _BaseOnly(threading.local):
+    on = False
+
+
+_BASE_ONLY = _BaseOnly()
+
+
+@contextlib.contextmanager
+def base_only():
+    """In this context (in this thread only), every :class:`LoRAMixerLinear` computes its frozen
+    base layer alone: no router, no experts. A cheap draft from a LoRA-Mixer model's own layers
+    (the engine's ``draft_experts=False``: speculative decoding stays lossless, since the target
+    verifies every token with its experts)."""
+    old = _BASE_ONLY.on
+    _BASE_ONLY.on = True
+    try:
+        yield
+    finally:
+        _BASE_ONLY.on = old
 
 
 def _straight_through_one(p):
@@ -257,6 +280,8 @@ class LoRAMixerLinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x):
+        if _BASE_ONLY.on:
+            return self.base(x)
         y = self.base(x)
         if self._group is not None:
             delta = self._group.output_for(self, x)

@@ -194,6 +194,18 @@ def test_mirror_with_lora_mixer_layers_matches_transformers():
     kw = dict(max_batch=3, max_len=64, block_size=8, chain_len=3)
     assert Engine(m, **kw).generate(PROMPTS, n, mode="plain").tokens == want
     assert Engine(m, **kw).generate(PROMPTS, n, mode="mirror").tokens == want
+    # A draft through the base projections only (draft_experts=False): the same output, in every
+    # overlap mode, and its reused windows equal fresh rollouts (reuse=False) step by step; its
+    # proposals do differ from the full draft's (the mixers matter to the draft too).
+    full = Engine(m, reuse=False, **kw).generate(PROMPTS, n, mode="mirror")
+    fresh = Engine(m, reuse=False, draft_experts=False, **kw).generate(PROMPTS, n, mode="mirror")
+    assert fresh.tokens == want
+    for overlap in (True, "thread", False):
+        eng = Engine(m, overlap=overlap, draft_experts=False, kappa=2, **kw)
+        r = eng.generate(PROMPTS, n, mode="mirror")
+        eng.close()
+        assert r.tokens == want and r.accepted_per_step == fresh.accepted_per_step
+    assert fresh.accepted_per_step != full.accepted_per_step
     # and the mixers matter: without them the output differs
     with torch.no_grad():
         for mod in nn.mixer_modules(m).values():

@@ -120,6 +120,33 @@ def test_zero_b_equals_base_exactly():
     assert float(m.lora_a.detach().abs().max()) <= 1 / math.sqrt(16) + 1e-6
 
 
+def test_base_only_context_is_per_thread():
+    """nn.base_only(): in this thread, LoRA-Mixer layers (alone and packed q/k/v) compute their base
+    layer only; other threads and the code after the context see the experts again."""
+    import threading
+
+    torch.manual_seed(2)
+    base = nn.Linear(16, 12)
+    m = lmx.LoRAMixerLinear(base, num_experts=3, r=2, top_k=2)
+    with torch.no_grad():
+        m.lora_b.normal_()
+    x = torch.randn(4, 16)
+    full = m(x)
+    assert not torch.equal(full, base(x))
+    seen = {}
+
+    def other():
+        seen["other"] = m(x)
+
+    with lmx.base_only():
+        assert torch.equal(m(x), base(x))
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert torch.equal(seen["other"], full)  # the other thread kept the experts
+    assert torch.equal(m(x), full)
+
+
 @pytest.mark.parametrize("expert_dtype", [None, torch.float32])
 def test_bf16_base_and_empty_input(expert_dtype):
     torch.manual_seed(5)

@@ -74,7 +74,10 @@ class Engine:
     ``mode="mirror"`` is Mirror speculative decoding (Mirror-SD, arXiv 2510.13161):
 
     * the draft is the target's first ``draft_layers`` layers with the final norm and the shared LM
-      head; it reads the target's own cache for those layers (same weights, same K/V);
+      head; it reads the target's own cache for those layers (same weights, same K/V); with
+      ``draft_experts=False`` its rollouts run those layers' frozen base projections only (no
+      LoRA-Mixer router or experts, :func:`loramix_kernels.nn.base_only`): a cheaper draft whose
+      proposals the target still verifies with its experts;
     * a draft window is a tree: a chain of ``chain_len`` greedy draft tokens with, at every depth,
       the draft's second choice as a sibling leaf (``siblings=True``);
     * the target verifies the window in one pass (``tree_attention``, positions = prefix length +
@@ -99,7 +102,8 @@ class Engine:
     def __init__(self, model, *, draft_layers: int = 1, chain_len: int = 4, siblings: bool = True,
                  kappa: int = 2, block_size: int = 16, max_len: int = 1024, max_batch: int = 8,
                  num_blocks: int | None = None, overlap: bool | str = True, reuse: bool = True,
-                 num_anchors: int | None = None, timer: OpTimer | None = None):
+                 num_anchors: int | None = None, draft_experts: bool = True,
+                 timer: OpTimer | None = None):
         self.model = model
         self.runner = LlamaRunner(model, timer)
         r = self.runner
@@ -113,6 +117,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.draft_layers = draft_layers
+        # False: the draft's rollouts run the first layers' frozen base projections only (no
+        # LoRA-Mixer router or experts: nn.base_only), a cheaper draft; the target still verifies
+        # with its experts, so the output does not change.
+        self.draft_experts = bool(draft_experts)
         self.chain_len = chain_len
         self.siblings = siblings
         self.kappa = kappa
@@ -322,6 +330,14 @@ class Engine:
         """Greedy draft rollout of ``chain_len`` tokens per row (the target's first layers and the
         shared head, through ``lm_head_topk``): row r feeds ``first[r]`` at position ``start[r]``.
         Returns the chain and the second choices (sibling leaves), ``[R, chain_len]`` each."""
+        if not self.draft_experts:
+            from ..nn import base_only
+
+            with base_only():
+                return self._rollout_steps(table, start, first)
+        return self._rollout_steps(table, start, first)
+
+    def _rollout_steps(self, table, start, first):
         R = first.shape[0]
         mask = torch.ones(R, 1, 1, dtype=torch.int32, device=self.device)
         chain = torch.empty(R, self.chain_len, dtype=torch.long, device=self.device)
