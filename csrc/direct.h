@@ -17,6 +17,8 @@
 
 #pragma once
 
+#include "checks.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -58,11 +60,6 @@ c10::TypedOperatorHandle<Sig> python_kernel(const char* name) {
 template <typename Sig, typename... Args>
 auto delegate(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
   return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), std::forward<Args>(args)...);
-}
-
-inline bool is_half_or_float(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
 }
 
 // A dense CPU tensor of `ndim` dimensions (what every direct fast path reads).

@@ -21,6 +21,8 @@
 // caches and K / V rows are read and written in place with their strides (any float dtype: rows
 // are copied as bytes, k / v have the caches' dtype).
 
+#include "checks.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -86,15 +88,6 @@ inline void copy_row(char* dst, RowLayout dl, const char* src, RowLayout sl, int
 // meet, e.g. the two halves of one allocation: the Python checks decide exactly); or an argument
 // the op's checks reject (nothing written; the Python op names it).
 constexpr int64_t kDone = 0, kUnsure = 1, kInvalid = 2;
-
-bool is_float(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-}
-
-bool is_index(const at::Tensor& t) {
-  return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
-}
 
 // [first, last] byte a non-empty tensor addresses.
 std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {

@@ -104,7 +104,7 @@ using TopkSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::
 std::tuple<at::Tensor, at::Tensor> lm_head_topk_direct(const at::Tensor& hidden,
                                                        const at::Tensor& weight, int64_t k) {
   if (!direct::delegating().load(std::memory_order_relaxed) && direct::plain(hidden, 2) &&
-      direct::plain(weight, 2) && direct::is_half_or_float(hidden) &&
+      direct::plain(weight, 2) && is_float(hidden) &&
       weight.scalar_type() == hidden.scalar_type() && weight.size(1) == hidden.size(1) &&
       k >= 1 && k <= weight.size(0) && k <= kMaxK) {
     return lm_head_topk_cpu(hidden, weight, k);

@@ -78,7 +78,7 @@ using RouteSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_topk_direct(const at::Tensor& logits,
                                                                  int64_t k, bool renormalize) {
   if (!direct::delegating().load(std::memory_order_relaxed) && direct::plain(logits, 2) &&
-      direct::is_half_or_float(logits) && logits.size(1) >= 1 && logits.size(1) <= kMaxExperts &&
+      is_float(logits) && logits.size(1) >= 1 && logits.size(1) <= kMaxExperts &&
       k >= 1 && k <= logits.size(1)) {
     return route_topk_cpu(logits, k, renormalize);
   }

@@ -22,6 +22,8 @@
 // kernel's careful path sanitises. A finite output is exactly what that path computes: masked
 // keys get weight 0, and zero padding rows are never seen.
 
+#include "checks.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/all.h>
@@ -89,15 +91,6 @@ struct Scratch {
 // Status of the fast path: the output is the answer; or the Python kernel must run instead; or
 // (with `check`) a value the op's checks reject -- the Python op then names it.
 constexpr int64_t kOk = 0, kFallback = 1, kInvalid = 2;
-
-bool is_float(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-}
-
-bool is_index(const at::Tensor& t) {
-  return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
-}
 
 // The metadata rules of tree_attention (ops/tree.py, validate_tree_attention; sm_scale is checked
 // in Python): ranks, dtypes, shapes and devices.

@@ -74,6 +74,21 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return start + lo * es, start + (hi + 1) * es - 1
 
 
+def byte_ranges_meet(t: torch.Tensor, others) -> bool:
+    """Whether ``t``'s byte range meets any of ``others``' (empty tensors never do): the cheap,
+    conservative test of the CPU fast entries, which leave the exact decision (two halves of one
+    allocation are fine) to ``check_no_alias``. Metadata only."""
+    if t.numel() == 0:
+        return False
+    t0, t1 = _byte_range(t)
+    for o in others:
+        if o.numel():
+            o0, o1 = _byte_range(o)
+            if o0 <= t1 and t0 <= o1:
+                return True
+    return False
+
+
 def _ranges_overlap(a: torch.Tensor, b: torch.Tensor, ra=None, rb=None) -> bool:
     """Whether ``a`` and ``b`` address a common byte (``ra`` / ``rb``: their byte ranges when
     already known). Disjoint byte ranges answer at once; otherwise numpy's exact solver decides

@@ -429,7 +429,7 @@ def run(args) -> dict:
         "plain_elapsed_s": per_prompt_plain_s,
         "tree": {"nodes": eng.N, "chain_len": p["chain_len"], "siblings": True, "kappa": p["kappa"],
                  "branches_per_request": eng.num_branches, "anchors": p["num_anchors"],
-                 "draft_layers": d, "draft_experts": False,
+                 "draft_layers": d, "draft_experts": kw["draft_experts"],
                  "target_layers": p["layers"]},
         "model": {k: p[k] for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "experts",
                                     "rank", "top_k")},
@@ -541,7 +541,7 @@ def main(argv=None):
                          "collapse on a shared machine); 0 keeps torch's default")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved repeats of each measurement (engine modes, batch 1, HF), best "
-                         "one kept (default 3; 1 with --quick)")
+                         "one kept (default 4; 1 with --quick)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     report = run(args)

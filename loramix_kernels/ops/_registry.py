@@ -49,36 +49,20 @@ class OpDef:
     #: Positions of the arguments written in place (``Tensor(a!)`` in the schema).
     mutates: tuple[int, ...]
     #: ``torch.ops.loramix.<name>.default``.
-    overload: torch._ops.OpOverload = dataclasses.field(repr=False, compare=False, default=None)
+    op: torch._ops.OpOverload = dataclasses.field(repr=False, compare=False, default=None)
     #: Whether its CPU key runs a direct C++ kernel (``direct_cpu``, the extension built).
     direct: bool = False
 
-    @property
-    def op(self) -> torch._ops.OpOverload:
-        return self.overload
-
     def __call__(self, *args):
         """Run the op (what the public functions do). In eager mode, when no gradient can flow
-        (grad disabled, or no tensor argument requires grad), a differentiable op skips
-        torch.library's Python autograd kernel, which would only redispatch below autograd: the
-        same result, about 5 us less per call."""
-        if (self.differentiable and not (torch.is_grad_enabled() and _requires_grad(args))
-                and not torch.compiler.is_compiling()):
+        (grad disabled, or no tensor argument requires grad: the test of torch.library's own
+        autograd kernel), a differentiable op skips that Python kernel, which would only
+        redispatch below autograd: the same result, about 5 us less per call."""
+        if (self.differentiable and not torch.compiler.is_compiling()  # (dynamo: first)
+                and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))):
             with torch._C._AutoDispatchBelowAutograd():
-                return self.overload(*args)
-        return self.overload(*args)
-
-
-def _requires_grad(args) -> bool:
-    """Whether a tensor among ``args`` (or in a list among them) requires grad."""
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if a.requires_grad:
-                return True
-        elif isinstance(a, (list, tuple)):
-            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
-                return True
-    return False
+                return self.op(*args)
+        return self.op(*args)
 
 
 #: Every registered op by name, in registration order.

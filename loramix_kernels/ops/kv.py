@@ -270,8 +270,7 @@ def compact_kv_layers_(k_caches, v_caches, block_table, seq_lens, accept_index, 
     >>> k[:, 0, :, 0, 0].tolist()
     [[0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0], [0.0, 10.0, 20.0, 30.0, 40.0, 60.0, 70.0, 70.0]]
     """
-    OPS["compact_kv_layers_"](k_caches, v_caches, block_table, seq_lens, accept_index,
-                                         accept_len)
+    OPS["compact_kv_layers_"](k_caches, v_caches, block_table, seq_lens, accept_index, accept_len)
 
 
 # --- kv_write_: new K / V into the paged cache by slot (vLLM's reshape_and_cache) -----------------

@@ -816,13 +816,6 @@ def dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _column_gates(E: int, ranks: tuple, device: torch.device) -> torch.Tensor:
-    """Expert (gate column) of each column of the slices' concatenated ``[T, sum_s E * r_s]``
-    rank space (slice major, then expert, then rank); unequal ranks."""
-    return torch.cat([torch.arange(E, device=device).repeat_interleave(r) for r in ranks])
-
-
-@functools.lru_cache(maxsize=64)
 def _gate_sum_weights(E: int, ranks: tuple, scaling: float, dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
     """Weights that sum the rank columns of ``U * H`` into each expert's d_gates, scaling
@@ -831,7 +824,7 @@ def _gate_sum_weights(E: int, ranks: tuple, scaling: float, dtype: torch.dtype,
     against its transpose)."""
     if ranks.count(ranks[0]) == len(ranks):
         return torch.full((ranks[0],), scaling, dtype=dtype, device=device)
-    cols = _column_gates(E, ranks, device)
+    cols = _column_experts(E, ranks, device)
     m = torch.zeros(E, cols.numel(), dtype=dtype, device=device)
     return m.index_put_((cols, torch.arange(cols.numel(), device=device)),
                         torch.tensor(scaling, dtype=dtype, device=device))
@@ -873,7 +866,7 @@ def _rank_gates(gE, E, ranks):
         st = gE.stride()
         return gE.as_strided((gE.shape[0], len(ranks), E, ranks[0]), (st[0], 0, st[1], 0),
                              gE.storage_offset())
-    return gE.index_select(1, _column_gates(E, tuple(ranks), gE.device))
+    return gE.index_select(1, _column_experts(E, tuple(ranks), gE.device))
 
 
 def _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs):

@@ -38,8 +38,8 @@ import math
 import torch
 
 from .. import _backend
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, _byte_range, check, check_index_range, check_no_alias,
-                       check_shape, check_tensor, check_writable)
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, byte_ranges_meet, check, check_index_range,
+                       check_no_alias, check_shape, check_tensor, check_writable)
 from .._tiles import cdiv
 from ..reference.sharding import acc_dtype, expand_backward, routed_lora_expand_ref, shrink_backward
 from ._registry import OPS, register_op
@@ -411,13 +411,8 @@ def _expand_inplace_checked(out, h, lora_b, expert_ids, gates, scaling):
             or out.shape[0] != h.shape[1] or out.shape[1] != fast[0]
             or (not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1)):
         return NotImplemented
-    if out.numel():
-        o0, o1 = _byte_range(out)
-        for t in (h, expert_ids, gates, *lora_b):
-            if t.numel():
-                t0, t1 = _byte_range(t)
-                if t0 <= o1 and o0 <= t1:
-                    return NotImplemented
+    if byte_ranges_meet(out, (h, expert_ids, gates, *lora_b)):
+        return NotImplemented
     routed_lora_expand_inplace_cpu(out, h, lora_b, expert_ids, gates, scaling, fast[1])
     return None
 
@@ -619,8 +614,7 @@ def routed_lora_shrink(x, lora_a, expert_ids):
     >>> h.shape, h.dtype, h[0, 1, 1].abs().sum().item(), h[0, 0, 0, 2].item()
     (torch.Size([2, 3, 2, 3]), torch.float32, 0.0, 0.0)
     """
-    lora_a = list(lora_a)
-    return OPS["routed_lora_shrink"](x, lora_a, expert_ids)
+    return OPS["routed_lora_shrink"](x, list(lora_a), expert_ids)
 
 
 def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
@@ -644,7 +638,7 @@ def routed_lora_expand_(out, h, lora_b, expert_ids, gates, scaling=1.0):
     >>> torch.allclose(y1, y2, atol=1e-5)
     True
     """
-    OPS["routed_lora_expand_"].overload(out, h, list(lora_b), expert_ids, gates, float(scaling))
+    OPS["routed_lora_expand_"](out, h, list(lora_b), expert_ids, gates, float(scaling))
     return out
 
 
@@ -662,6 +656,4 @@ def routed_lora_expand(h, lora_b, expert_ids, gates, scaling=1.0):
     >>> torch.allclose(y, routed_lora(x, A, B, ids, g, 0.5), atol=1e-5)
     True
     """
-    lora_b = list(lora_b)
-    args = (h, lora_b, expert_ids, gates, float(scaling))
-    return OPS["routed_lora_expand"](*args)
+    return OPS["routed_lora_expand"](h, list(lora_b), expert_ids, gates, float(scaling))

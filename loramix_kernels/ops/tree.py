@@ -581,4 +581,4 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     torch.Size([2, 4, 8, 64])
     """
     return OPS["tree_attention"](q, k_cache, v_cache, block_table, seq_lens, tree_mask,
-                                            None if sm_scale is None else float(sm_scale))
+                                 None if sm_scale is None else float(sm_scale))
