@@ -21,6 +21,7 @@ build here (a pure-Python wheel, as with build isolation).
 
 import glob
 import os
+import runpy
 import sys
 
 from setuptools import find_packages, setup
@@ -59,9 +60,11 @@ def native_extension():
                       "installing without them (the package retries on first import, else "
                       "uses its plain-PyTorch paths)", file=sys.stderr)
 
-    # No -std flag: cpp_extension appends the standard the installed torch requires.
-    flags = ["/O2"] if os.name == "nt" else ["-O3"]
-    ext = CppExtension("loramix_kernels._C", SOURCES, extra_compile_args={"cxx": flags})
+    # No -std flag: cpp_extension appends the standard the installed torch requires. The flags
+    # (optimisation, OpenMP for at::parallel_for) are shared with the compile-on-import path.
+    flags = runpy.run_path(os.path.join("csrc", "flags.py"))
+    ext = CppExtension("loramix_kernels._C", SOURCES, extra_compile_args={"cxx": flags["compile_args"]()},
+                       extra_link_args=flags["link_args"]())
     ext.optional = MODE != "1"  # setuptools then tolerates the missing output (in-place copies)
     return [ext], {"build_ext": BuildNative.with_options(use_ninja=True)}
 
@@ -72,7 +75,7 @@ setup(
     # csrc/ is installed as loramix_kernels/csrc (data only) so an installed package can compile it.
     packages=find_packages(include=["loramix_kernels", "loramix_kernels.*"]) + ["loramix_kernels.csrc"],
     package_dir={"loramix_kernels.csrc": "csrc"},
-    package_data={"loramix_kernels": ["py.typed"], "loramix_kernels.csrc": ["*.cpp", "*.h"]},
+    package_data={"loramix_kernels": ["py.typed"], "loramix_kernels.csrc": ["*.cpp", "*.h", "*.py"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

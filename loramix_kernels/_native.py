@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import runpy
 import sys
 import sysconfig
 import time
@@ -60,8 +61,8 @@ def cache_root() -> Path:
 
 
 def _sources(src: Path) -> list[Path]:
-    """Every file the build reads: the .cpp files and the headers they include."""
-    return sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
+    """Every file the build reads: the .cpp files, the headers they include, the flags."""
+    return sorted(src.glob("*.cpp")) + sorted(src.glob("*.h")) + [src / "flags.py"]
 
 
 def build_dir(sources: list[Path]) -> Path:
@@ -138,9 +139,11 @@ def _compile(why_not_prebuilt: str) -> tuple[ModuleType | None, str]:
     try:
         # is_python_module=False: build, then dlopen once (op registrations run); imported below
         # under its package name. No -std flag: cpp_extension adds the one this torch needs.
+        flags = runpy.run_path(str(src / "flags.py"))  # the flags of setup.py
         path = cpp_extension.load(
             name="_C", sources=[str(s) for s in sources], build_directory=str(build),
-            extra_cflags=["/O2"] if os.name == "nt" else ["-O3"], is_python_module=False)
+            extra_cflags=flags["compile_args"](), extra_ldflags=flags["link_args"](),
+            is_python_module=False)
         module = _import_file(Path(path))
     except Exception as exc:
         failed.write_text(f"torch {torch.__version__}, {cxx}\n{type(exc).__name__}: {exc}\n")

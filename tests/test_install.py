@@ -101,7 +101,9 @@ def test_wheel_contents(installed):
                      "loramix_kernels/bench/runner.py", "loramix_kernels/bench/__main__.py"):
         assert required in names, required
     shipped_cpp = {n.rsplit("/", 1)[1] for n in names if n.startswith("loramix_kernels/csrc/")}
-    assert shipped_cpp == {p.name for p in (REPO / "csrc").glob("*.[ch]*")}  # .cpp and .h
+    # .cpp, .h and flags.py (the compiler flags of the compile-on-first-use build)
+    assert shipped_cpp == {p.name for p in (REPO / "csrc").glob("*") if p.suffix in (".cpp", ".h", ".py")}
+    assert "flags.py" in shipped_cpp
     shipped_suites = {n.rsplit("/", 1)[1] for n in names if n.startswith("loramix_kernels/bench/bench_")}
     assert shipped_suites == {p.name for p in (REPO / "loramix_kernels/bench").glob("bench_*.py")}
     assert not any(n.endswith((".so", ".pyd")) for n in names)

@@ -14,6 +14,8 @@ import contextlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loramix_kernels import (_native, compact_kv_, compact_kv_layers_, kv_write_, lm_head_topk,
                              route_topk, tree_attention)
@@ -120,6 +122,84 @@ def test_tree_attention_native_equals_torch(dtype):
             tree_attention(*args[:4], bad, args[5])
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_tree_attention_native_random_shapes(data):
+    """The native kernel (csrc/tree.cpp, through the op's direct CPU kernel) against the fp32
+    reference over random shapes: 1 to 150 query rows per KV head (one, two or several row tiles,
+    a partial last tile), head dims that are not multiples of 16, prefixes of 0 and of more than one
+    key chunk, trees over one to three mask words, random (not only ancestor) masks, some of whose
+    words are all zero (chunks no row sees are skipped), int32 / int64 tables, strided inputs."""
+    from loramix_kernels.reference.tree import tree_attention_ref
+
+    B = data.draw(st.integers(1, 3), "B")
+    N = data.draw(st.integers(1, 70), "N")
+    Hkv = data.draw(st.integers(1, 3), "Hkv")
+    G = data.draw(st.sampled_from([1, 2, 3, 4]), "G")
+    D = data.draw(st.sampled_from([4, 8, 20, 64, 80, 128]), "D")
+    bs = data.draw(st.sampled_from([1, 4, 16, 48]), "bs")
+    prefix = data.draw(st.lists(st.integers(0, 90), min_size=B, max_size=B), "prefix")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), "dtype")
+    kind = data.draw(st.sampled_from(["random", "chain", "star", "mask"]), "kind")
+    seed = data.draw(st.integers(0, 2**16), "seed")
+    _, args = make_attention_case(B, N, G * Hkv, Hkv, D, bs, prefix, dtype,
+                                  "random" if kind == "mask" else kind, seed=seed)
+    if kind == "mask":  # any bits, whole words cleared in some rows
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.randint(-2**31, 2**31, args[5].shape, generator=g, dtype=torch.int64)
+        mask[torch.rand(mask.shape, generator=g) < 0.4] = 0
+        args[5] = mask.to(torch.int32)
+    if data.draw(st.booleans(), "int64 index"):
+        args[3], args[4] = args[3].long(), args[4].long()
+    if data.draw(st.booleans(), "strided"):
+        args = strided(args)
+    scale = data.draw(st.sampled_from([None, 0.05, -0.3, 1.7]), "scale")
+    with reference_path():
+        got = tree_attention(*args, scale)
+    want = tree_attention_ref(*args, scale)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_tree_attention_direct_hands_over_what_it_does_not_answer():
+    """Valid CPU calls stay in C++; rejected arguments get the Python validator's message; garbage
+    that a row sees goes to the Python kernel's careful path (NaN exactly in the rows that see it)."""
+    from loramix_kernels.reference.tree import tree_attention_ref
+    from tests.test_tree import _garbage_in_unseen_slots
+
+    _, args = make_attention_case(2, 40, 8, 2, 24, 16, [37, 0], torch.bfloat16, "random", seed=3)
+    with reference_path():
+        with python_kernel_calls() as calls:
+            a = tree_attention(*args, 0.3)
+            b = tree_attention(*strided(args))
+        assert calls == []
+        torch.testing.assert_close(a.float(), tree_attention_ref(*args, 0.3).float(), atol=2e-2,
+                                   rtol=2e-2)
+        torch.testing.assert_close(b.float(), tree_attention_ref(*args).float(), atol=2e-2, rtol=2e-2)
+        q, k, v, table, lens, mask = args
+        too_long = lens.clone()
+        too_long[0] = table.shape[1] * k.shape[1] + 1
+        bad_block = table.clone()
+        bad_block[1, 0] = k.shape[0]
+        with python_kernel_calls() as calls:
+            with pytest.raises(ValueError, match="tree_attention: block_table is too short"):
+                tree_attention(q, k, v, table, too_long, mask)
+            with pytest.raises(ValueError, match=r"tree_attention: block_table \[1, 0\] = 11 must lie"):
+                tree_attention(q, k, v, bad_block, lens, mask)
+            with pytest.raises(ValueError, match="tree_attention: sm_scale must be a finite"):
+                tree_attention(*args, float("inf"))
+            with pytest.raises(ValueError, match="tree_attention: q must have 4 dimensions"):
+                tree_attention(q[0], k, v, table, lens, mask)
+            with pytest.raises(TypeError, match="tree_attention: k_cache must have q's dtype"):
+                tree_attention(q, k.float(), v, table, lens, mask)
+        assert calls == ["Tensor"] * 5
+        _, gargs, sees = _garbage_in_unseen_slots(torch.float32, "cpu")
+        with python_kernel_calls() as calls:
+            out = tree_attention(*gargs, 0.3)
+        assert calls == ["Tensor"]  # a row sees garbage: the careful path
+        assert bool(sees.any()) and torch.equal(out.isnan().any(-1).any(-1), sees)
+
+
 def test_tree_attention_native_scratch_reuse():
     """The native kernel reuses per-thread scratch for the gathered K / V and the mask: calls of
     shrinking, growing and other-dtype shapes in a row (and from another thread) each equal the
@@ -167,9 +247,26 @@ def test_lm_head_topk_and_route_topk_native_equal_torch():
         torch.testing.assert_close(a[0], b[0], atol=0, rtol=2.4e-7)
 
 
+def test_native_loops_run_in_parallel():
+    """The extension is compiled with OpenMP where torch uses it (csrc/flags.py): at::parallel_for
+    in the kernels spreads over torch's intra-op threads instead of running on one."""
+    import os
+
+    if "OpenMP" not in torch.__config__.parallel_info() or (os.cpu_count() or 1) < 2:
+        pytest.skip("torch without OpenMP, or one core")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.loramix._parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.loramix._parallel_threads() == 1
+    finally:
+        torch.set_num_threads(old)
+
+
 # --- direct kernels (csrc/direct.h): C++ kernels on the public ops' CPU key -------------------
 
-DIRECT_OPS = ("lm_head_topk", "route_topk")
+DIRECT_OPS = ("lm_head_topk", "route_topk", "tree_attention")
 
 
 @contextlib.contextmanager

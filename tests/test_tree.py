@@ -538,22 +538,22 @@ def test_native_fast_path_taken_and_declines_garbage(dtype, cpu_layout):
     q, k, v, table, lens, mask = args
     args_s = [strided(t) for t in args]
     for a in (args, args_s):
-        out, status = torch.ops.loramix._tree_attention_cpu(*a, 0.3, T._FOLD_MAX_ROWS, True, True)
+        out, status = torch.ops.loramix._tree_attention_cpu(*a, 0.3, True, True)
         assert status == 0
         assert_close(out, tree_attention_ref(*args, 0.3).double(), dtype)
     parents, gargs, sees = _garbage_in_unseen_slots(dtype, "cpu")
-    _, status = torch.ops.loramix._tree_attention_cpu(*gargs, 0.3, T._FOLD_MAX_ROWS, True, True)
+    _, status = torch.ops.loramix._tree_attention_cpu(*gargs, 0.3, True, True)
     assert status == 1 and bool(sees.any())
     too_long = lens.clone()
     too_long[0] = table.shape[1] * k.shape[1] + 1
-    args_long = (q, k, v, table, too_long, mask, 0.3, T._FOLD_MAX_ROWS)
+    args_long = (q, k, v, table, too_long, mask, 0.3)
     assert torch.ops.loramix._tree_attention_cpu(*args_long, True, True)[1] == 2  # checked: invalid
     assert torch.ops.loramix._tree_attention_cpu(*args_long, False, True)[1] == 1  # unchecked: fallback
     bad_block = table.clone()
     bad_block[1, 0] = k.shape[0]
-    args_bad = (q, k, v, bad_block, lens, mask, 0.3, T._FOLD_MAX_ROWS)
+    args_bad = (q, k, v, bad_block, lens, mask, 0.3)
     assert torch.ops.loramix._tree_attention_cpu(*args_bad, True, True)[1] == 2
-    bad_meta = (q, k, v, table, lens, mask[:, :, :0], 0.3, T._FOLD_MAX_ROWS)  # mask words missing
+    bad_meta = (q, k, v, table, lens, mask[:, :, :0], 0.3)  # mask words missing
     assert torch.ops.loramix._tree_attention_cpu(*bad_meta, True, True)[1] == 2
 
 

@@ -84,7 +84,9 @@ def candidates(case, inp):
     q, kc, vc, bt, sl, tm, scale = (inp[k] for k in ("q", "k_cache", "v_cache", "block_table",
                                                      "seq_lens", "tree_mask", "sm_scale"))
     out = {"loramix": lambda: torch.ops.loramix.tree_attention(q, kc, vc, bt, sl, tm, scale)}
-    add_cpu_kernel(out, "tree_attention", q, kc, vc, bt, sl, tm, scale)
+    add_cpu_kernel(out, "tree_attention", q, kc, vc, bt, sl, tm, scale,  # (no checks)
+                   native=lambda: torch.ops.loramix._tree_attention_cpu(q, kc, vc, bt, sl, tm, scale,
+                                                                        False, False)[0])
     N, L, G = q.shape[1], inp["max_len"], case["Hq"] // case["Hkv"]
     try:  # the baselines' inputs may not fit in memory at the largest shapes
         k, v = gather_kv(kc, vc, bt, sl, L)

@@ -74,7 +74,8 @@ columns (one row per implementation of a case; a case starts with its [i/n] prog
             "cpu_kernel" is the op's CPU kernel called directly (no dispatch, no validation):
             loramix's speedup over it (< 1) is the per-call host overhead, and the baselines'
             times against its time compare the kernels alone. Ops with a direct C++ kernel
-            (lm_head_topk, route_topk: their CPU calls never enter Python) have no Python layer
+            (lm_head_topk, route_topk, tree_attention: their CPU calls never enter Python) have
+            no Python layer
             to measure: there "cpu_kernel" is their native kernel called as a private op, and
             the op's checks and dispatch cost what loramix's speedup over it falls short of 1
   speedup   loramix's speedup over this implementation, measured in the same run: its time /
@@ -490,10 +491,12 @@ if __name__ == "__main__":
     main()
 
 
-def add_cpu_kernel(candidates: dict, name, *args) -> dict:
+def add_cpu_kernel(candidates: dict, name, *args, native=None) -> dict:
     """``candidates`` plus, where the op runs its CPU kernel (CPU tensors, not the interpreter
     switch), ``"cpu_kernel"``: op ``name``'s CPU kernel called directly (``OPS[name].cpu``: no
-    dispatcher, no validation). Next to the op's own row it measures the per-call host overhead."""
+    dispatcher, no validation). Next to the op's own row it measures the per-call host overhead.
+    An op whose CPU kernel is a direct C++ kernel is measured through its native kernel as a
+    private op: ``_<name>_cpu(*args)``, or ``native()`` where that op takes other arguments."""
     from .. import _backend
     from ..ops._registry import OPS
 
@@ -503,6 +506,9 @@ def add_cpu_kernel(candidates: dict, name, *args) -> dict:
         if OPS[name].direct:  # the op is a C++ kernel already: its native kernel, as a private op
             from .. import _native
 
+            if native is not None:
+                candidates["cpu_kernel"] = native
+                return candidates
             kernel = _native.op(f"_{name}_cpu") or kernel
         candidates["cpu_kernel"] = lambda: kernel(*args)
     return candidates

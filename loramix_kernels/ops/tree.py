@@ -345,10 +345,11 @@ def tree_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm
     only the rows that see them get NaN); a row that sees no key gets 0. Bad lengths or block ids
     (value checks off) are clamped as in the Triton kernel.
 
-    With the native extension built, ``csrc/tree.cpp`` does the gather and the mask in one walk
-    around the same attention call (the per-call cost at decode sizes); when its output is not
-    finite or a length lies outside the table, the code below runs instead (the slow path that
-    sanitises garbage).
+    With the native extension built, ``csrc/tree.cpp`` computes the attention itself, straight
+    out of the paged cache (no gather, no mask tensor, no SDPA call; SIMD over the query rows, an
+    online softmax over chunks of 32 keys; fp32 throughout), and the op's direct CPU kernel runs it
+    without entering Python; when a non-finite value takes part or a length lies outside the
+    table, the code below runs instead (the slow path that sanitises garbage).
     """
     if q.device.type != "cpu":  # LORAMIX_BACKEND=reference on CUDA tensors (a debugging aid)
         return tree_attention_ref(q, k_cache, v_cache, block_table, seq_lens, tree_mask, sm_scale)
@@ -369,7 +370,7 @@ def _tree_attention_native(q, k_cache, v_cache, block_table, seq_lens, tree_mask
     fn = _native.op("_tree_attention_cpu")
     if fn is None:
         return None
-    out, status = fn(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale, _FOLD_MAX_ROWS,
+    out, status = fn(q, k_cache, v_cache, block_table, seq_lens, tree_mask, scale,
                      _backend.check_values(seq_lens) and q.shape[0] > 0, check_meta)
     if status == 0:
         return out
@@ -504,6 +505,7 @@ register_op(
     cpu=tree_attention_cpu,
     fake=_tree_attention_fake,
     checked_cpu=_tree_attention_checked,
+    direct_cpu=True,
 )
 
 
@@ -563,9 +565,11 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
     Notes
     -----
-    On CPU the op gathers each request's keys once and runs PyTorch's fused attention with the
-    GQA group folded into the query rows (``tree_attention_cpu``); ``reference/tree.py`` keeps
-    the plain fp32 form it is tested against.
+    On CPU (native extension built) a C++ kernel computes the attention straight out of the paged
+    cache, K and V read once per tile of query rows (tree nodes x the KV head's query heads);
+    without the extension the op gathers each request's keys once and runs PyTorch's fused
+    attention with the GQA group folded into the query rows (``tree_attention_cpu``).
+    ``reference/tree.py`` keeps the plain fp32 form both are tested against.
 
     Examples
     --------
