@@ -34,6 +34,7 @@
 #if defined(__GNUC__)
 
 #include "direct.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -52,25 +53,19 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define LORAMIX_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LORAMIX_SIMD_CLONES
-#endif
-// Inlined into the cloned entry point, so compiled for each of its targets.
-#define LORAMIX_INLINE inline __attribute__((always_inline))
-// The 64-byte vector type passes through inlined helpers only: no ABI is involved.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace loramix {
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
+using simd::kInf;
+using simd::kLanes;
+using simd::load_row;
+using simd::splat;
+using simd::store1;
+using simd::vf;
+using simd::vi;
+using simd::vmax;
 // Keys per chunk: one int32 word of the packed tree mask.
 constexpr int64_t kChunk = 32;
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // One call's arguments: data pointers, strides (bytes for the float tensors, elements for the
 // index tensors), sizes.
@@ -95,9 +90,6 @@ struct Problem {
   int64_t es;           // element size
 };
 
-LORAMIX_INLINE vf splat(float x) { return vf{} + x; }
-LORAMIX_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
-
 // 2^x lane-wise, for x <= 0 (below -126, -inf included: 0).
 LORAMIX_INLINE vf exp2v(vf x) {
   const vf xc = vmax(x, splat(-127.0f));
@@ -115,46 +107,6 @@ LORAMIX_INLINE vf exp2v(vf x) {
   vf two_r;
   std::memcpy(&two_r, &bits, sizeof two_r);
   return x < -126.0f ? vf{} : p * two_r;
-}
-
-LORAMIX_INLINE float load1(const char* p, int dtype) {
-  if (dtype == 1) return static_cast<float>(*reinterpret_cast<const c10::BFloat16*>(p));
-  if (dtype == 2) return static_cast<float>(*reinterpret_cast<const c10::Half*>(p));
-  return *reinterpret_cast<const float*>(p);
-}
-
-LORAMIX_INLINE void store1(char* p, float x, int dtype) {
-  if (dtype == 1) {
-    *reinterpret_cast<c10::BFloat16*>(p) = c10::BFloat16(x);
-  } else if (dtype == 2) {
-    *reinterpret_cast<c10::Half*>(p) = c10::Half(x);
-  } else {
-    *reinterpret_cast<float*>(p) = x;
-  }
-}
-
-// n elements from `src` (element stride in bytes) as fp32 into `dst`; adds x - x of each to `z`
-// (NaN there iff a value was not finite).
-LORAMIX_INLINE void load_row(float* dst, const char* src, int64_t n, int64_t stride, int dtype,
-                             int64_t es, vf& z) {
-  if (stride == es && dtype == 1) {  // bf16 -> fp32 is a 16-bit shift (vectorises)
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t d = 0; d < n; ++d) {
-      const uint32_t b = uint32_t{s[d]} << 16;
-      std::memcpy(dst + d, &b, 4);
-    }
-  } else if (stride == es && dtype == 0) {
-    std::memcpy(dst, src, n * 4);
-  } else {
-    for (int64_t d = 0; d < n; ++d) dst[d] = load1(src + d * stride, dtype);
-  }
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    vf x;
-    std::memcpy(&x, dst + d, sizeof x);
-    z += x - x;
-  }
-  for (; d < n; ++d) z[0] += dst[d] - dst[d];
 }
 
 // Scratch floats of one task (64-byte aligned blocks): Q^T, O^T (D x NR vectors each), S^T
@@ -186,7 +138,8 @@ LORAMIX_INLINE bool attend(const Problem& P, int64_t b, int64_t h, int64_t r0, i
   float* qt = reinterpret_cast<float*>(Qt);
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = (r0 + r) / G, hq = h * G + (r0 + r) % G;
-    load_row(qrow, P.q + b * P.qs[0] + i * P.qs[1] + hq * P.qs[2], D, P.qs[3], P.dtype, P.es, bad);
+    load_row(qrow, P.q + b * P.qs[0] + i * P.qs[1] + hq * P.qs[2], D, P.qs[3], P.dtype, P.es);
+    simd::add_nonfinite(qrow, D, bad);
     for (int64_t d = 0; d < D; ++d) qt[(d * NR + r / kLanes) * kLanes + r % kLanes] = qrow[d] * P.scale;
   }
   vf m[NR], l[NR];
@@ -227,8 +180,10 @@ LORAMIX_INLINE bool attend(const Problem& P, int64_t b, int64_t h, int64_t r0, i
                               : reinterpret_cast<const int32_t*>(P.table)[e];
       blk = std::min(std::max<int64_t>(blk, 0), P.nb - 1);  // (checked by the caller)
       const int64_t off = pos % P.bs;
-      load_row(kr, P.k + blk * P.ks[0] + off * P.ks[1] + h * P.ks[2], D, P.ks[3], P.dtype, P.es, bad);
-      load_row(vr, P.v + blk * P.vs[0] + off * P.vs[1] + h * P.vs[2], D, P.vs[3], P.dtype, P.es, bad);
+      load_row(kr, P.k + blk * P.ks[0] + off * P.ks[1] + h * P.ks[2], D, P.ks[3], P.dtype, P.es);
+      load_row(vr, P.v + blk * P.vs[0] + off * P.vs[1] + h * P.vs[2], D, P.vs[3], P.dtype, P.es);
+      simd::add_nonfinite(kr, D, bad);
+      simd::add_nonfinite(vr, D, bad);
     }
     // S^T[j] = K[j] . Q^T, four keys at a time.
     int64_t j = 0;
@@ -326,9 +281,7 @@ LORAMIX_INLINE bool attend(const Problem& P, int64_t b, int64_t h, int64_t r0, i
       store1(dst + d * P.os[3], x, P.dtype);
     }
   }
-  float z = 0.0f;
-  for (int x = 0; x < kLanes; ++x) z += bad[x];
-  return z == 0.0f;
+  return simd::hsum(bad) == 0.0f;
 }
 
 template <int NR>

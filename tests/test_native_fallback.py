@@ -247,6 +247,48 @@ def test_lm_head_topk_and_route_topk_native_equal_torch():
         torch.testing.assert_close(a[0], b[0], atol=0, rtol=2.4e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prob_rows_check_native_equals_torch(dtype):
+    """verify_sampling's value check of the probability rows: the native pass
+    (csrc/probs.cpp) raises what the PyTorch check raises, for every rule and only for used rows
+    (a NaN / negative / unnormalised row the walk cannot read passes), strided too."""
+    from loramix_kernels import verify_sampling
+
+    g = torch.Generator().manual_seed(3)
+    B, N, V = 3, 5, 1100  # V: a step of 1024 and a tail
+    tokens = torch.randint(0, V, (B, N), generator=g)
+    parents = torch.tensor([[-1, 0, 0, 1, -1]] * B)  # node 4 is padding: its rows are not read
+    p = torch.softmax(torch.randn(B, N, V, generator=g), -1)
+    q = torch.softmax(torch.randn(B, N, V, generator=g), -1)
+
+    def run(pp, qq):
+        try:
+            verify_sampling(tokens, parents, pp.to(dtype), qq.to(dtype), seed=1, offset=0)
+            return None
+        except ValueError as exc:
+            return str(exc)
+
+    cases = {"ok": (p, q)}
+    for name, row, value in (("nan", (1, 1, 7), float("nan")), ("inf", (0, 0, 1099), float("inf")),
+                             ("neg", (2, 1, 3), -0.25), ("sum", (1, 0, 5), 0.5)):
+        for which in ("p", "q"):
+            pp, qq = p.clone(), q.clone()
+            (pp if which == "p" else qq)[row] = value
+            cases[f"{name}-{which}"] = (pp, qq)
+    unused_p = p.clone()
+    unused_p[0, 4] = float("nan")  # a padding node's row: never read
+    cases["unused"] = (unused_p, q)
+    both_bad = p.clone()
+    both_bad[0, 0, 0], both_bad[2, 1, 0] = -1.0, float("nan")  # the NaN rule comes first
+    cases["order"] = (both_bad, q)
+    for name, (pp, qq) in cases.items():
+        a, b = both(lambda: run(pp, qq))
+        assert a == b, (name, a, b)
+        a, b = both(lambda: run(strided(pp), strided(qq)))
+        assert a == b, (name, a, b)
+        assert (a is None) == (name in ("ok", "unused")), (name, a)
+
+
 def test_native_loops_run_in_parallel():
     """The extension is compiled with OpenMP where torch uses it (csrc/flags.py): at::parallel_for
     in the kernels spreads over torch's intra-op threads instead of running on one."""

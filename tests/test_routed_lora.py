@@ -425,17 +425,74 @@ def test_cpu_backward_isolation(name, c, needs, dtype, monkeypatch):
         assert_close(torch.where(bad, 0.0, a.double()), torch.where(bad, 0.0, w), dtype)
 
 
+@pytest.mark.parametrize("form", ["dense", "grouped"])
 @pytest.mark.parametrize("name, c", ISOLATION_CASES, ids=[n for n, _ in ISOLATION_CASES])
-def test_cpu_forward_isolation(name, c, monkeypatch):
-    """The CPU forward with the dense form forced: a non-finite dense result is redone per expert,
-    so a token's output is non-finite exactly where the per-expert form's is."""
-    monkeypatch.setattr(rl, "dense_cheaper_cpu", lambda *a, **kw: True)
+def test_cpu_forward_isolation(name, c, form, monkeypatch):
+    """The CPU forward with the dense or the expert-grouped form forced (``forward_form_cpu``; the
+    real cap accepted): a non-finite result is redone per expert, so a token's output is
+    non-finite exactly where the per-expert form's is."""
+    monkeypatch.setattr(rl, "forward_form_cpu", lambda *a: form)
+    monkeypatch.setattr(rl, "grouped_accepts", lambda *a: True)
     got = rl.routed_lora_cpu(c["x"], c["A"], c["B"], c["ids"], c["g"], 0.5)
     want = routed_lora_ref(c["x"].double(), [a.double() for a in c["A"]], [b.double() for b in c["B"]],
                            c["ids"], c["g"].double(), 0.5, acc_dtype=torch.float64)
     bad = ~torch.isfinite(want)
     assert torch.equal(~torch.isfinite(got), bad)
     assert_close(torch.where(bad, 0.0, got.double()), torch.where(bad, 0.0, want), torch.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_cpu_forward_forms_agree(data):
+    """Every CPU forward form (dense, grouped, per-expert loop) against the float64 per-expert
+    reference on random shapes, ids (empty slots -1 and repeated experts included), fp32 and bf16
+    (bf16: the dense and grouped forms' GEMMs run in bf16 once large enough, ``_gemm_dtype``; the
+    shapes reach both sides of its threshold), through ``routed_lora`` and ``routed_lora_add_``."""
+    T = data.draw(st.sampled_from([1, 3, 40, 300]), "T")
+    d_in = data.draw(st.sampled_from([8, 64, 520]), "d_in")
+    E = data.draw(st.integers(1, 12), "E")
+    k = data.draw(st.integers(1, 4), "k")
+    ranks = data.draw(st.sampled_from([(4,), (8, 8, 8), (4, 2)]), "ranks")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), "dtype")
+    form = data.draw(st.sampled_from(["dense", "grouped", "loop"]), "form")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 999), "seed"))
+    x = torch.randn(T, d_in, generator=g).to(dtype)
+    A = [(torch.randn(E, r, d_in, generator=g) / d_in ** 0.5).to(dtype) for r in ranks]
+    B = [(torch.randn(E, 24 + 8 * i, r, generator=g) / r ** 0.5).to(dtype) for i, r in enumerate(ranks)]
+    ids = torch.randint(-1, E, (T, k), generator=g)
+    gates = torch.rand(T, k, generator=g)
+    want = routed_lora_ref(x.double(), [a.double() for a in A], [b.double() for b in B], ids,
+                           gates.double(), 0.7, acc_dtype=torch.float64)
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(rl, "forward_form_cpu", lambda *a: form)
+        mp.setattr(rl, "grouped_accepts", lambda *a: True)
+        with reference_path():
+            got = rl.routed_lora(x, A, B, ids, gates, 0.7)
+            out = torch.ones(T, want.shape[1], dtype=dtype)
+            rl.routed_lora_add_(out, x, A, B, ids, gates, 0.7)
+    finally:
+        mp.undo()
+    assert got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double(), want + 1, atol=tol, rtol=tol)
+
+
+def test_forward_form_cpu():
+    """The forward's cost model (measured crossovers in its docstring): small decode shapes run
+    dense, soft routing dense, sparse routing over many tokens grouped, decode over 64 large
+    experts per expert; an unbalanced routing (one expert with every token) is not grouped."""
+    qkv, small, r3 = (4096, 1024, 1024), (64, 16, 16), (16, 16, 16)
+    assert rl.forward_form_cpu(16, 64, 8, r3, small, 2) == "dense"
+    assert rl.forward_form_cpu(2048, 256, 8, r3, small, 8) == "dense"
+    assert rl.forward_form_cpu(512, 512, 8, r3, small, 2) == "grouped"
+    assert rl.forward_form_cpu(128, 4096, 8, r3, qkv, 2) == "grouped"
+    assert rl.forward_form_cpu(64, 4096, 64, (16,), (4096,), 2) == "grouped"
+    assert rl.forward_form_cpu(16, 4096, 64, (16,), (4096,), 2) == "loop"
+    assert rl.forward_form_cpu(1, 4096, 8, r3, qkv, 2) == "loop"
+    assert rl.grouped_accepts(512, 512, 8, r3, small, 2, 140)
+    assert not rl.grouped_accepts(512, 512, 8, r3, small, 2, 512)
 
 
 def test_dense_cheaper_cpu():

@@ -70,7 +70,11 @@ Precision of each path (all accumulate in fp32; float64 inputs in float64)
 --------------------------------------------------------------------------
 * CPU: x and the weights are read in fp32 (float64 stays float64); the rank-sized intermediate
   ``h = A x`` and ``h * g * scaling`` stay fp32; y is rounded once to x's dtype (``out +=``: the
-  sum ``out + y`` is formed in fp32 and rounded once).
+  sum ``out + y`` is formed in fp32 and rounded once). Except for bf16 inputs in the forward's
+  dense and grouped forms where the GEMMs are large enough (``_gemm_dtype``: prefill, or large
+  experts): their GEMMs run in bf16 (oneDNN, fp32 accumulation, 2x fp32's speed), so ``h``, the
+  gated ``h`` (gated in fp32) and each GEMM's output are rounded to bf16, as the Triton path rounds
+  the gated intermediate; the grouped form sums a token's k experts' contributions in fp32.
 * Triton: the shrink dots take x / A in their dtype with fp32 accumulation (fp32 inputs: IEEE
   fp32, not tf32). The gated intermediate is rounded to the weights' dtype for the expand
   (tensor cores) for bf16 (fp32's exponent range: it cannot overflow) and fp32; for fp16 it stays
@@ -734,16 +738,62 @@ def dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k, backward=False) -> bool:
     """
     if k >= E:
         return True
+    dense, per_expert = _cpu_costs(T, d_in, E, ranks, d_outs, k, backward)
+    return dense <= per_expert
+
+
+#: One small op's host time (about 8 us with its Python), in the CPU cost model's units.
+_OP_COST = 16000
+
+
+def _cpu_costs(T, d_in, E, ranks, d_outs, k, backward=False):
+    """``(dense, per_expert)`` costs of ``dense_cheaper_cpu``'s model."""
     active = min(E, T * k)  # experts the per-expert loop visits (at most)
     w = sum(r * (d_in + n) for r, n in zip(ranks, d_outs))  # weights of one expert, all slices
     mac = (3 if backward else 1) * w / 12  # GEMM cost of one (token, expert) pair
     if backward:
         dense = 4 * E * w + T * E * mac
-        per_expert = 2 * E * w + active * w + T * k * mac + active * 16000 * (6 * len(ranks) + 4)
+        per_expert = 2 * E * w + active * w + T * k * mac + active * _OP_COST * (6 * len(ranks) + 4)
     else:
         dense = E * w + T * E * mac
-        per_expert = active * w + T * k * mac + active * 16000 * (4 * len(ranks) + 4)
-    return dense <= per_expert
+        per_expert = active * w + T * k * mac + active * _OP_COST * (4 * len(ranks) + 4)
+    return dense, per_expert
+
+
+def grouped_cost_cpu(d_in, E, ranks, d_outs, cap) -> float:
+    """Forward cost of the expert-grouped form (``_sparse_forward``) in ``dense_cheaper_cpu``'s
+    units: every expert's weights converted once, ``E * cap`` rows of GEMM work, x's rows gathered
+    and y's rows added back (a plain copy per element: 0.4 of a converted weight, fitted to the
+    measurements in ``forward_form_cpu``), and its ~12 + 2 S small ops (the plan's sort
+    included)."""
+    w = sum(r * (d_in + n) for r, n in zip(ranks, d_outs))
+    return E * w + E * cap * (w / 12 + 0.4 * (d_in + sum(d_outs))) + _OP_COST * (12 + 2 * len(ranks))
+
+
+@functools.lru_cache(maxsize=256)
+def forward_form_cpu(T, d_in, E, ranks, d_outs, k) -> str:
+    """CPU forward: ``"dense"`` (the masked form, every expert), ``"loop"`` (per expert, routed
+    work only, a few small ops per expert and slice) or ``"grouped"`` (the (token, slot) pairs
+    sorted by expert into ``[E, cap]`` rows, one ``bmm`` per product: routed work plus padding,
+    a fixed number of ops). Grouped is taken where its cost (``grouped_cost_cpu``) at a balanced
+    routing (``cap = ceil(T k / E)``) beats both others; the caller then checks the real ``cap``
+    (``grouped_accepts``). Measured on the 2-core AVX-512 EPYC, 1 thread, fp32, against the
+    model: top-2 of 8 at T 64-512 (d_in 512-4096): grouped 1.1-1.9x faster than the better of the
+    others (model: grouped); T 16-32 at d_in 64-512: dense 1.1-1.5x faster (model: dense, equal
+    at T 32 / d_in 512); top-2 of 64 at d_in 4096: loop 2x faster at T 16 (model: loop), grouped
+    1.35x faster at T 64 (model: grouped); soft routing (k = E): dense."""
+    dense = dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k)
+    if k < E and T * k >= E:
+        costs = _cpu_costs(T, d_in, E, ranks, d_outs, k)
+        if grouped_cost_cpu(d_in, E, ranks, d_outs, -(-T * k // E)) < min(costs):
+            return "grouped"
+    return "dense" if dense else "loop"
+
+
+def grouped_accepts(T, d_in, E, ranks, d_outs, k, cap) -> bool:
+    """Whether the grouped forward still beats the dense form and the loop with the real
+    ``cap`` (the most pairs any expert has)."""
+    return grouped_cost_cpu(d_in, E, ranks, d_outs, cap) < min(_cpu_costs(T, d_in, E, ranks, d_outs, k))
 
 
 def _dense_on_device(x, lora_a, lora_b, k, backward=False) -> bool:
@@ -762,36 +812,67 @@ def _dense_on_device(x, lora_a, lora_b, k, backward=False) -> bool:
     return choose_strategy(E, ranks, k) != "expert_sorted"
 
 
+def _forward_form(x, lora_a, lora_b, k) -> str:
+    """The PyTorch forward's form: ``forward_form_cpu`` for CPU tensors (not in deterministic
+    mode), else dense or loop as ``_dense_on_device`` says."""
+    E = lora_a[0].shape[0]
+    if x.device.type == "cpu" and not _backend.deterministic():
+        return forward_form_cpu(x.shape[0], x.shape[1], E, tuple(a.shape[1] for a in lora_a),
+                                tuple(b.shape[1] for b in lora_b), k)
+    return "dense" if _dense_on_device(x, lora_a, lora_b, k) else "loop"
+
+
+def _gemm_dtype(x, acc, n_cols):
+    """The dtype of the CPU dense and grouped forwards' GEMMs, ``n_cols`` the width of the first
+    (``E * sum_s r_s``): bf16 for bf16 inputs where the first GEMM has at least 2^20 multiply-adds
+    or its weights 2^17 elements (oneDNN's bf16 GEMMs accumulate in fp32 at twice fp32's throughput
+    and need no conversion of the weights, but cost ~18 us per call; measured, 1 thread:
+    ``[T, d_in] x [d_in, 384]`` 1.3-3.1x faster than converting to fp32 from T 4 / d_in 512,
+    T 64 / d_in 64 and T 1 / d_in 4096 on; 2x slower at T 1 / d_in 64), else ``acc`` (fp16 GEMMs
+    are 3-5x slower than fp32 on CPU)."""
+    if x.dtype is not torch.bfloat16:
+        return acc
+    T, d_in = x.shape
+    return x.dtype if (T * d_in * n_cols >= 1 << 22 or d_in * n_cols >= 1 << 17) else acc
+
+
 def _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc):
-    """The dense masked forward in ``acc`` with the fewest ops (decode is host-bound):
+    """The dense masked forward with the fewest ops (decode is host-bound):
     ``y_s = ((x A_cat^T) * G) B_cat_s`` with all slices' A in one GEMM and the gates gathered onto
-    the rank columns. No route mask: a non-finite value anywhere makes y non-finite (0 * inf is
-    NaN), which the caller checks; a finite y is then exactly the masked result."""
+    the rank columns; the GEMMs in ``_gemm_dtype`` (y in it: ``acc``, or bf16 for bf16 inputs).
+    No route mask: a non-finite value anywhere makes y non-finite (0 * inf is NaN), which the
+    caller checks; a finite y is then exactly the masked result."""
     T, d_in = x.shape
     E = lora_a[0].shape[0]
     ranks = tuple(a.shape[1] for a in lora_a)
     S, equal = len(ranks), len(set(ranks)) == 1
     gm, _ = _gate_matrix(expert_ids, gates, E, scaling, acc)
-    hg = torch.mm(x.to(acc), _packed_a(lora_a, acc).t())
+    gd = _gemm_dtype(x, acc, E * sum(ranks))
+    hg = torch.mm(x.to(gd), _packed_a(lora_a, gd).t())
+    # The gating in acc (bf16 GEMMs: h converted, gated, rounded once; a broadcast multiply of
+    # bf16 runs 4-5x slower than this round trip through fp32, measured at [2048, 384])
+    hf = hg if hg.dtype is acc else hg.to(acc)
     if equal:  # broadcast the [T, E] gates over [T, S, E, r]
-        hg.view(T, S, E, ranks[0]).mul_(gm.narrow(1, 0, E).view(T, 1, E, 1))
+        hf.view(T, S, E, ranks[0]).mul_(gm.narrow(1, 0, E).view(T, 1, E, 1))
     else:
-        hg.mul_(gm.index_select(1, _column_experts(E, ranks, x.device)))
+        hf.mul_(gm.index_select(1, _column_experts(E, ranks, x.device)))
+    if hf is not hg:
+        hg = hf.to(gd)
     if S == 1:
-        return torch.mm(hg, _packed_b(lora_b[0], acc).t())
+        return torch.mm(hg, _packed_b(lora_b[0], gd).t())
     d_outs = tuple(b.shape[1] for b in lora_b)
     d_out = sum(d_outs)
     if T <= 8 and equal:
         # Decode, equal ranks: one repack of every slice's B, one GEMM of each slice's gated h
         # against all of it (S x the expand FLOPs, negligible at T <= 8) and a gather of each
         # column's own slice: 4 heavy ops instead of 3 per slice (measured -10% at T = 1).
-        b_cat = torch.cat([b.permute(1, 0, 2) for b in lora_b]).to(acc)  # [d_out, E, r]
+        b_cat = torch.cat([b.permute(1, 0, 2) for b in lora_b]).to(gd)  # [d_out, E, r]
         z = torch.mm(hg.view(T * S, -1), b_cat.view(d_out, -1).t()).view(T, S, d_out)
         return z.gather(1, _column_slices(d_outs, x.device).expand(T, 1, d_out)).view(T, d_out)
-    y = torch.empty(T, d_out, dtype=acc, device=x.device)
+    y = torch.empty(T, d_out, dtype=gd, device=x.device)
     # torch.split: one call for all slices' views (slicing each costs as much host time)
     for h, ys, b in zip(torch.split(hg, [E * r for r in ranks], 1), torch.split(y, d_outs, 1), lora_b):
-        torch.mm(h, _packed_b(b, acc).t(), out=ys)
+        torch.mm(h, _packed_b(b, gd).t(), out=ys)
     return y
 
 
@@ -999,16 +1080,21 @@ def _train_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
     return gx, ga, gb, gg
 
 
-def _sparse_plan(expert_ids, E, T):
-    """The expert-grouped layout of a sparse training step, or None where the dense form is
-    cheaper: ``(gp, tok, cap)`` with ``gp [E * cap]`` the (token, slot) pair in each of ``cap``
-    rows per expert (expert-major, in token order; ``T * k`` for a padding row) and ``tok`` its
-    token (padding rows: token T - 1, with a zero gate). Taken when every expert has at most a
-    quarter of the tokens (``4 * cap <= T``, after a cheap ``4 k <= E`` pre-test): the grouped
-    form then computes at most 1/4 of the dense form's rows. Raises the op's error for an
-    expert id out of range (a negative bin or one past E)."""
+def _sparse_plan(expert_ids, E, T, accept=None):
+    """The expert-grouped layout of a sparse step, or None where another form is cheaper:
+    ``(gp, tok, cap)`` with ``gp [E * cap]`` the (token, slot) pair in each of ``cap`` rows per
+    expert (expert-major, in token order; ``T * k`` for a padding row) and ``tok`` its token
+    (padding rows: token T - 1, with a zero gate). ``accept(cap)`` decides on the real ``cap``;
+    by default (the training step) every expert must have at most a quarter of the tokens
+    (``4 * cap <= T``, after a cheap ``4 k <= E`` pre-test): the grouped form then computes at
+    most 1/4 of the dense form's rows. Raises the op's error for an expert id out of range (a
+    negative bin or one past E)."""
     k = expert_ids.shape[1]
-    if 4 * k > E or not _backend.check_values(expert_ids):
+    if accept is None:  # the training step's rule
+        if 4 * k > E:
+            return None
+        accept = lambda cap: 4 * cap <= T  # noqa: E731
+    if not _backend.check_values(expert_ids):
         return None
     P = T * k
     flat = expert_ids.reshape(-1).long() + 1  # -1 (empty) -> 0
@@ -1020,7 +1106,7 @@ def _sparse_plan(expert_ids, E, T):
         check_index_range("routed_lora", "expert_ids", expert_ids, -1, E)
         raise
     cap = int(counts[1:].max())
-    if cap == 0 or 4 * cap > T:
+    if cap == 0 or not accept(cap):
         return None
     order = torch.argsort(flat, stable=True)  # empty slots first, then expert by expert
     se = flat[order]
@@ -1032,7 +1118,7 @@ def _sparse_plan(expert_ids, E, T):
     return gp, (gp // k).clamp_(max=T - 1), cap
 
 
-def _sparse_forward(x, lora_a, lora_b, gates, scaling, needs, plan, acc):
+def _sparse_forward(x, lora_a, lora_b, gates, scaling, needs, plan, acc, keep_acc=False, gemm=None):
     """The expert-grouped forward of a sparse CPU training step: only routed work, batched over
     the experts on their ``cap`` rows (``_sparse_plan``): gather x's rows, ``h = x A_e^T`` and
     ``y_rows = (h g) B_e^T`` by ``bmm`` on the weights as stored (no repacking), add the rows
@@ -1041,35 +1127,41 @@ def _sparse_forward(x, lora_a, lora_b, gates, scaling, needs, plan, acc):
     Every expert has at least one row (padding rows read token T - 1 with a zero gate), so a
     finite y means every weight is finite, as in the dense form: then the padding rows add exact
     zeros, and so do they in the backward if grad_y is finite.
-    ``saved``: ``(gp, tok, w, xg, h, hg, a_all)``, None where not needed."""
+    ``saved``: ``(gp, tok, w, xg, h, hg, a_all)``, None where not needed. y in ``acc`` with
+    ``keep_acc``, else in x's dtype. ``gemm``: the GEMMs' dtype (default ``acc``; the inference
+    forward passes ``_gemm_dtype``: then h and h g are rounded to it, y's rows too, and y is
+    summed in ``acc``)."""
     need_x, need_a, need_b, need_g = needs
     gp, tok, cap = plan
     T, d_in = x.shape
     E = lora_a[0].shape[0]
     S = len(lora_a)
     ranks = [a.shape[1] for a in lora_a]
-    xf = x if x.dtype is acc else x.to(acc)
+    gd = acc if gemm is None else gemm
+    xf = x if x.dtype is gd else x.to(gd)
     g = gates.reshape(-1)
     g = g if g.dtype is acc else g.to(acc)
     w = torch.cat([g * scaling if scaling != 1.0 else g, g.new_zeros(1)]).index_select(0, gp).view(E, cap, 1)
     a_all = lora_a[0] if S == 1 else torch.cat(lora_a, 1)  # [E, R, d_in]
-    if a_all.dtype is not acc:
-        a_all = a_all.to(acc)
+    if a_all.dtype is not gd:
+        a_all = a_all.to(gd)
     xg = xf.index_select(0, tok).view(E, cap, d_in)
     h = torch.bmm(xg, a_all.transpose(1, 2))  # [E, cap, R]
     hg = h * w if need_g else h.mul_(w)
-    bs = [b if b.dtype is acc else b.to(acc) for b in lora_b]
+    bs = [b if b.dtype is gd else b.to(gd) for b in lora_b]
     if S == 1:
         yr = torch.bmm(hg, bs[0].transpose(1, 2))
     else:
         yr = torch.cat([torch.bmm(hs, b.transpose(1, 2))
                         for hs, b in zip(hg.split_with_sizes(ranks, 2), bs)], 2)
-    y = torch.zeros(T, yr.shape[2], dtype=acc, device=x.device).index_add_(0, tok, yr.view(E * cap, -1))
+    yr = yr.view(E * cap, -1)
+    y = torch.zeros(T, yr.shape[1], dtype=acc, device=x.device).index_add_(
+        0, tok, yr if yr.dtype is acc else yr.to(acc))
     if not math.isfinite(y.sum().item()):
         return None
     saved = (gp, tok, w, xg if need_a else None, h if need_g else None, hg if need_b else None,
              a_all if need_x else None)
-    return (y if y.dtype is x.dtype else y.to(x.dtype)), saved
+    return (y if keep_acc or y.dtype is x.dtype else y.to(x.dtype)), saved
 
 
 def _sparse_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
@@ -1122,16 +1214,31 @@ def _sparse_backward(grad_y, x, lora_a, lora_b, gates, scaling, needs, saved):
 
 def _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
     """The PyTorch forward: the dense masked form on BLAS GEMMs where it is cheaper (CPU tensors:
-    ``dense_cheaper_cpu``; other devices: where the Triton path would run dense), several times
-    faster on CPU than looping over experts at decode; otherwise the per-expert loop, which
-    computes only routed work. A dense result that is not finite everywhere is redone per expert
-    (the dense form multiplies the weights of experts a token does not use by 0, and 0 * inf is
-    NaN). With ``out``, adds into it."""
+    ``forward_form_cpu``; other devices: where the Triton path would run dense), several times
+    faster on CPU than looping over experts at decode; the expert-grouped form (``bmm`` over the
+    experts' sorted rows) at sparse routing over many tokens (CPU); otherwise the per-expert loop,
+    which computes only routed work. A dense or grouped result that is not finite everywhere is
+    redone per expert (both multiply weights by 0 where a token does not use them, or pad rows,
+    and 0 * inf is NaN). With ``out``, adds into it."""
     T, d_in = x.shape
     k = expert_ids.shape[1]
     acc = _acc_dtype(x)
     y = None
-    if T and d_in and k and _dense_on_device(x, lora_a, lora_b, k):
+    form = _forward_form(x, lora_a, lora_b, k) if T and d_in and k else "loop"
+    if form == "grouped":
+        E = lora_a[0].shape[0]
+        shape = (T, d_in, E, tuple(a.shape[1] for a in lora_a), tuple(b.shape[1] for b in lora_b), k)
+        plan = _sparse_plan(expert_ids, E, T, lambda cap: grouped_accepts(*shape, cap))
+        if plan is not None:  # (else an unbalanced routing: the better of the others)
+            got = _sparse_forward(x, lora_a, lora_b, gates, scaling, (False,) * 4, plan, acc,
+                                  keep_acc=True, gemm=_gemm_dtype(x, acc, E * sum(shape[3])))
+            if got is None:  # not finite: the per-expert form below
+                form = "loop"
+            else:
+                y = got[0]
+        else:
+            form = "dense" if dense_cheaper_cpu(*shape) else "loop"
+    if form == "dense":
         y = _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc)
         # One reduction instead of an isfinite pass over y: any inf / NaN makes the sum
         # non-finite (a finite sum that overflows only costs the exact per-expert recompute).
