@@ -762,12 +762,13 @@ def _cpu_costs(T, d_in, E, ranks, d_outs, k, backward=False):
 
 def grouped_cost_cpu(d_in, E, ranks, d_outs, cap) -> float:
     """Forward cost of the expert-grouped form (``_sparse_forward``) in ``dense_cheaper_cpu``'s
-    units: every expert's weights converted once, ``E * cap`` rows of GEMM work, x's rows gathered
-    and y's rows added back (a plain copy per element: 0.4 of a converted weight, fitted to the
-    measurements in ``forward_form_cpu``), and its ~12 + 2 S small ops (the plan's sort
-    included)."""
+    units: every expert's weights converted once, ``E * cap`` rows of GEMM work, each row's x
+    gathered (a plain copy: 0.4 of a converted weight per element) and its ``d_out`` outputs
+    written, concatenated and added into y (6 per element: k times y's size in fresh temporaries),
+    and ~12 + 2 S small ops (the plan's sort included). Fitted to the measurements in
+    ``forward_form_cpu``."""
     w = sum(r * (d_in + n) for r, n in zip(ranks, d_outs))
-    return E * w + E * cap * (w / 12 + 0.4 * (d_in + sum(d_outs))) + _OP_COST * (12 + 2 * len(ranks))
+    return E * w + E * cap * (w / 12 + 0.4 * d_in + 6 * sum(d_outs)) + _OP_COST * (12 + 2 * len(ranks))
 
 
 @functools.lru_cache(maxsize=256)
@@ -775,25 +776,41 @@ def forward_form_cpu(T, d_in, E, ranks, d_outs, k) -> str:
     """CPU forward: ``"dense"`` (the masked form, every expert), ``"loop"`` (per expert, routed
     work only, a few small ops per expert and slice) or ``"grouped"`` (the (token, slot) pairs
     sorted by expert into ``[E, cap]`` rows, one ``bmm`` per product: routed work plus padding,
-    a fixed number of ops). Grouped is taken where its cost (``grouped_cost_cpu``) at a balanced
-    routing (``cap = ceil(T k / E)``) beats both others; the caller then checks the real ``cap``
-    (``grouped_accepts``). Measured on the 2-core AVX-512 EPYC, 1 thread, fp32, against the
-    model: top-2 of 8 at T 64-512 (d_in 512-4096): grouped 1.1-1.9x faster than the better of the
-    others (model: grouped); T 16-32 at d_in 64-512: dense 1.1-1.5x faster (model: dense, equal
-    at T 32 / d_in 512); top-2 of 64 at d_in 4096: loop 2x faster at T 16 (model: loop), grouped
-    1.35x faster at T 64 (model: grouped); soft routing (k = E): dense."""
-    dense = dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k)
-    if k < E and T * k >= E:
-        costs = _cpu_costs(T, d_in, E, ranks, d_outs, k)
-        if grouped_cost_cpu(d_in, E, ranks, d_outs, -(-T * k // E)) < min(costs):
-            return "grouped"
-    return "dense" if dense else "loop"
+    a fixed number of ops). Costs of ``dense_cheaper_cpu``'s model, the loop's GEMMs (on gathered
+    rows) counted at half the dense form's speed (``_forward_costs``). Grouped only at sparse
+    routing (``4 k <= E``), where its cost (``grouped_cost_cpu``) at a balanced routing
+    (``cap = ceil(T k / E)``) beats both others; the caller then checks the real ``cap``
+    (``grouped_accepts``).
+
+    Measured on the 2-core AVX-512 EPYC, 1 thread, fp32, against the model: top-2 of 8 at T 64-512
+    (d_in 512-4096): grouped 1.1-1.9x faster than the better of the others (model: grouped);
+    T 16-32 at d_in 64-512: dense 1.1-1.5x faster (model: dense); top-2 of 64 at d_in 4096: loop
+    2x faster at T 16 (model: loop), grouped 1.35x faster at T 64 (model: grouped); top-3 of 6 at
+    T 1024-2048, d_in 256: dense 1.7x faster than the loop (model: dense); top-2 of 8 at T 4096,
+    d_in 256: grouped 1.7x slower than dense and loop (its k-times-y temporaries; model: loop);
+    top-2 of 64 at T 2048, d_in 256: grouped 3.5x faster than the loop (model: grouped). The
+    model misses by at most ~1.3x where it errs (top-2 of 8: T 128 at d_in 4096 and T 2048 at
+    d_in 512, grouped 1.1-1.3x faster than its loop). Soft routing (k = E): dense."""
+    if k >= E:
+        return "dense"
+    dense, loop = _forward_costs(T, d_in, E, ranks, d_outs, k)
+    if 4 * k <= E and E <= T * k and \
+            grouped_cost_cpu(d_in, E, ranks, d_outs, -(-T * k // E)) < min(dense, loop):
+        return "grouped"
+    return "dense" if dense <= loop else "loop"
+
+
+def _forward_costs(T, d_in, E, ranks, d_outs, k):
+    """``(dense, loop)`` forward costs for ``forward_form_cpu``: ``_cpu_costs``, the loop's GEMM
+    work counted twice (half speed, as in ``_saved_costs``)."""
+    dense, loop = _cpu_costs(T, d_in, E, ranks, d_outs, k)
+    return dense, loop + T * k * sum(r * (d_in + n) for r, n in zip(ranks, d_outs)) / 12
 
 
 def grouped_accepts(T, d_in, E, ranks, d_outs, k, cap) -> bool:
     """Whether the grouped forward still beats the dense form and the loop with the real
     ``cap`` (the most pairs any expert has)."""
-    return grouped_cost_cpu(d_in, E, ranks, d_outs, cap) < min(_cpu_costs(T, d_in, E, ranks, d_outs, k))
+    return grouped_cost_cpu(d_in, E, ranks, d_outs, cap) < min(_forward_costs(T, d_in, E, ranks, d_outs, k))
 
 
 def _dense_on_device(x, lora_a, lora_b, k, backward=False) -> bool:
@@ -882,18 +899,27 @@ def dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs) -> bool:
     saved tensors (``_train_backward``: no repacking, no recomputed h, no result check) beats the
     per-expert loop. Same units as ``dense_cheaper_cpu``; both sides write every expert's dA / dB
     (one pass each) only where they are needed."""
-    need_x, need_a, need_b, need_g = needs
     if k >= E:
         return True
+    dense, per_expert = _saved_costs(T, d_in, E, ranks, d_outs, k, needs)
+    return dense <= per_expert
+
+
+def _saved_costs(T, d_in, E, ranks, d_outs, k, needs):
+    """``(dense, per_expert)`` backward costs of ``dense_saved_cheaper_cpu``'s model."""
+    need_x, need_a, need_b, need_g = needs
     active = min(E, T * k)
     w = sum(r * (d_in + n) for r, n in zip(ranks, d_outs))
     gemms = (need_x or need_a or need_g) + need_x + need_a + need_b  # d_gates: elementwise
-    # A multiply-add at 1/24: one core's fp32 GEMM here (~90 GFLOP/s in the training profiles).
+    # A multiply-add at 1/24: one core's fp32 GEMM here (~90 GFLOP/s in the training profiles);
+    # the loop's per-expert GEMMs on gathered rows run at half that (measured: top-3 of 6 experts,
+    # packed q/k/v at d_in 256, T 1024, joint: the loop 1.3x slower than the dense form, which
+    # the model at 1/24 had 1.6x faster; the crossover is now T ~ 200, measured T 256 at parity).
     mac = gemms * w / 24
     writes = 2 * E * w if (need_a or need_b) else 0
     dense = writes + T * E * mac
-    per_expert = writes + active * w + T * k * mac + active * 16000 * (6 * len(ranks) + 4)
-    return dense <= per_expert
+    per_expert = writes + active * w + 2 * T * k * mac + active * _OP_COST * (6 * len(ranks) + 4)
+    return dense, per_expert
 
 
 @functools.lru_cache(maxsize=64)
@@ -1085,15 +1111,17 @@ def _sparse_plan(expert_ids, E, T, accept=None):
     ``(gp, tok, cap)`` with ``gp [E * cap]`` the (token, slot) pair in each of ``cap`` rows per
     expert (expert-major, in token order; ``T * k`` for a padding row) and ``tok`` its token
     (padding rows: token T - 1, with a zero gate). ``accept(cap)`` decides on the real ``cap``;
-    by default (the training step) every expert must have at most a quarter of the tokens
-    (``4 * cap <= T``, after a cheap ``4 k <= E`` pre-test): the grouped form then computes at
-    most 1/4 of the dense form's rows. Raises the op's error for an expert id out of range (a
+    by default (the training step) every expert must have at most a third of the tokens
+    (``3 * cap <= T``, after cheap pre-tests: ``3 k <= E``, and ``T k >= 2 E``, at least two
+    pairs per expert on average, else its fixed ops dominate): the grouped form then computes at
+    most 1/3 of the dense form's rows (measured, 1 thread, T 512-1024: grouped 1.2x faster than
+    the dense torch form at top-2 of 8, cap ~0.28 T; 0.6-0.9x at cap ~T / 2). Raises the op's error for an expert id out of range (a
     negative bin or one past E)."""
     k = expert_ids.shape[1]
     if accept is None:  # the training step's rule
-        if 4 * k > E:
+        if 3 * k > E or T * k < 2 * E:
             return None
-        accept = lambda cap: 4 * cap <= T  # noqa: E731
+        accept = lambda cap: 3 * cap <= T  # noqa: E731
     if not _backend.check_values(expert_ids):
         return None
     P = T * k
@@ -1237,7 +1265,8 @@ def _routed_lora_torch(x, lora_a, lora_b, expert_ids, gates, scaling, out=None):
             else:
                 y = got[0]
         else:
-            form = "dense" if dense_cheaper_cpu(*shape) else "loop"
+            dense, loop = _forward_costs(*shape)
+            form = "dense" if dense <= loop else "loop"
     if form == "dense":
         y = _dense_forward_cpu(x, lora_a, lora_b, expert_ids, gates, scaling, acc)
         # One reduction instead of an isfinite pass over y: any inf / NaN makes the sum
@@ -1611,10 +1640,22 @@ def _train_plan(x, lora_a, lora_b, expert_ids, gates, scaling):
 
 @functools.lru_cache(maxsize=256)
 def _train_choice(T, d_in, E, ranks, d_outs, k, needs):
-    """None (not the training path), or whether its forward is dense (``_train_plan``)."""
+    """None (not the training path), or whether its forward is dense (``_train_plan``): where the
+    dense backward on saved tensors wins, the forward is dense (or grouped) too unless the loop's
+    forward is cheaper by more than the dense backward saves over the op's backward. Sparse
+    routing over many tokens (``3 k <= E``, ``T k >= 2 E``) is the training path too: its forward
+    tries the grouped form first (``_sparse_plan``, on the real cap), else runs dense."""
+    if 3 * k <= E and T * k >= 2 * E:
+        return True
     if not dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs):
         return None
-    return dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k)
+    if dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k):
+        return True
+    dense_f, loop_f = _cpu_costs(T, d_in, E, ranks, d_outs, k)
+    dense_b, loop_b = _saved_costs(T, d_in, E, ranks, d_outs, k, needs)
+    # The loop's GEMMs at half the dense form's speed, as in _saved_costs.
+    loop_f += T * k * sum(r * (d_in + n) for r, n in zip(ranks, d_outs)) / 12
+    return dense_f + dense_b <= loop_f + loop_b
 
 
 def routed_lora_add_(out, x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
