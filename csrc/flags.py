@@ -15,13 +15,21 @@ import os
 import sys
 
 
+def _openmp() -> bool:
+    """Linux with GCC (the compiler torch's Linux wheels are built with, and whose libgomp they
+    ship): Clang's -fopenmp links LLVM's libomp, a second runtime beside torch's, or fails
+    without it; such builds keep serial loops."""
+    cxx = os.path.basename(os.environ.get("CXX", "c++"))
+    return sys.platform.startswith("linux") and "clang" not in cxx
+
+
 def compile_args() -> list[str]:
     """Flags for the C++ compiler (no ``-std``: torch's cpp_extension adds the one it needs)."""
     if os.name == "nt":
         return ["/O2", "/openmp"]
-    return ["-O3", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3"]
+    return ["-O3", "-fopenmp"] if _openmp() else ["-O3"]
 
 
 def link_args() -> list[str]:
     """Flags for the linker."""
-    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+    return ["-fopenmp"] if _openmp() else []

@@ -27,7 +27,7 @@
 //
 // Fast path only: status kFallback comes back, and the Python kernel then does everything itself,
 // when a length lies outside the table (value checks off) or when a non-finite value took part (in
-// q, in a K / V row some row of a tile sees, or in the output): the Python kernel's careful path
+// q, in a K / V row some row of a tile sees, in a score, or in the output): the Python kernel's careful path
 // decides which rows it reaches. A finite result is what that path computes: masked keys get
 // weight 0, a row that sees no key gets 0.
 
@@ -211,6 +211,11 @@ LORAMIX_INLINE bool attend(const Problem& P, int64_t b, int64_t h, int64_t r0, i
       }
       for (int n = 0; n < NR; ++n) St[j * NR + n] = a[n];
     }
+    // A score that overflowed (huge q, K or scale) must not pass as a finite result: the softmax
+    // below would turn it into weight 0. (Keys no row sees were zeroed: their scores are finite.)
+    for (int64_t jj = 0; jj < c; ++jj) {
+      for (int n = 0; n < NR; ++n) bad += St[jj * NR + n] - St[jj * NR + n];
+    }
     if (tree) {  // lane x sees tree key jj iff bit jj of its word
       for (int n = 0; n < NR; ++n) {
         for (int64_t jj = 0; jj < c; ++jj) {
@@ -388,8 +393,9 @@ std::tuple<at::Tensor, int64_t> tree_attention_cpu(const at::Tensor& q, const at
   if (out.numel() == 0) return {out, kOk};
   std::vector<int64_t> base(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
-    base[b] = index_at(seq_lens, seq, b) - N;
-    if (base[b] < 0 || base[b] + N > cap) return {out, kFallback};
+    const int64_t S = index_at(seq_lens, seq, b);
+    if (S < N || S > cap) return {out, kFallback};  // (compared before subtracting: no overflow)
+    base[b] = S - N;
   }
   Problem P{};
   const int64_t es = q.element_size();

@@ -200,6 +200,27 @@ def test_tree_attention_direct_hands_over_what_it_does_not_answer():
         assert bool(sees.any()) and torch.equal(out.isnan().any(-1).any(-1), sees)
 
 
+def test_tree_attention_native_overflowing_scores():
+    """A score that overflows (huge q and K, or a huge sm_scale) is not a finite result: the
+    native kernel hands the call over, and the op gives what the reference gives (NaN), not the 0
+    its softmax would make of it."""
+    from loramix_kernels.reference.tree import tree_attention_ref
+
+    table, lens = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
+    mask = torch.tensor([[[1]]], dtype=torch.int32)
+    big = torch.full((2, 1, 1, 1), 1e20)
+    cases = [(torch.full((1, 1, 1, 1), 1e20), big, torch.ones(2, 1, 1, 1), 1.0),
+             (torch.ones(1, 1, 1, 4), torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4), 1e38)]
+    for q, k, v, scale in cases:
+        with reference_path():
+            got = tree_attention(q, k, v, table, lens, mask, scale)
+            _, status = torch.ops.loramix._tree_attention_cpu(q, k, v, table, lens, mask, scale,
+                                                             True, True)
+        want = tree_attention_ref(q, k, v, table, lens, mask, scale)
+        assert status == 1
+        assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().all())
+
+
 def test_tree_attention_native_scratch_reuse():
     """The native kernel reuses per-thread scratch for the gathered K / V and the mask: calls of
     shrinking, growing and other-dtype shapes in a row (and from another thread) each equal the

@@ -1242,7 +1242,7 @@ def train_modes(monkeypatch):
 
 
 def _grouped_case(seed, dtype, T=48, E=16, k=2, S=2, equal=True, widths=(12, 7), dup=False):
-    """Sparse routing that takes the expert-grouped path (4 k <= E, every expert at most T / 4
+    """Sparse routing that takes the expert-grouped path (3 k <= E, every expert at most T / 3
     tokens): -1 slots, int32 or int64 ids; with ``dup``, every third token lists its first expert
     twice."""
     g = torch.Generator().manual_seed(seed)
@@ -1278,6 +1278,24 @@ def test_cpu_training_grouped_path_matches_oracle(dtype, needs, train_modes):
         y, leaves, got = _train_grads(x, A, B, ids, gates, dy, 0.7, needs)
         _assert_matches_oracle(y, leaves, got, x, A, B, ids, gates, dy, 0.7, dtype)
     assert train_modes and all(m == ("grouped", True) for m in train_modes)
+
+
+def test_cpu_training_unbalanced_sparse_routing_takes_the_op_path(train_modes, monkeypatch):
+    """Sparse routing over large experts (the cost model rules the dense form out: "sparse") whose
+    real cap also rules the grouped form out (every token on experts 0 and 1 of 16): the op's
+    forward and backward run, not the dense form over every expert; the values equal the
+    oracle's."""
+    assert rl._train_choice(512, 4096, 256, (16,), (4096,), 2, (True,) * 4) == "sparse"
+    monkeypatch.setattr(rl, "_train_choice", lambda *a: "sparse")
+    x, A, B, _, gates, dy = _grouped_case(0, torch.float32)
+    ids = torch.tensor([[0, 1]] * x.shape[0])
+    assert rl._sparse_plan(ids, 16, 48) is None
+    y, leaves, got = _train_grads(x, A, B, ids, gates, dy, 0.7, (True,) * 4)
+    _assert_matches_oracle(y, leaves, got, x, A, B, ids, gates, dy, 0.7, torch.float32)
+    assert train_modes == []
+    balanced = _grouped_case(1, torch.float32)  # the grouped form when the real cap allows
+    _train_grads(*balanced[:5], balanced[5], 0.7, (True,) * 4)
+    assert train_modes == [("grouped", True)]
 
 
 def test_cpu_training_grouped_path_isolation_and_retain_graph(train_modes):

@@ -841,13 +841,14 @@ def _forward_form(x, lora_a, lora_b, k) -> str:
 
 def _gemm_dtype(x, acc, n_cols):
     """The dtype of the CPU dense and grouped forwards' GEMMs, ``n_cols`` the width of the first
-    (``E * sum_s r_s``): bf16 for bf16 inputs where the first GEMM has at least 2^20 multiply-adds
-    or its weights 2^17 elements (oneDNN's bf16 GEMMs accumulate in fp32 at twice fp32's throughput
-    and need no conversion of the weights, but cost ~18 us per call; measured, 1 thread:
-    ``[T, d_in] x [d_in, 384]`` 1.3-3.1x faster than converting to fp32 from T 4 / d_in 512,
-    T 64 / d_in 64 and T 1 / d_in 4096 on; 2x slower at T 1 / d_in 64), else ``acc`` (fp16 GEMMs
-    are 3-5x slower than fp32 on CPU)."""
-    if x.dtype is not torch.bfloat16:
+    (``E * sum_s r_s``): bf16 for bf16 CPU inputs where the first GEMM has at least 2^22
+    multiply-adds or its weights 2^17 elements (oneDNN's bf16 GEMMs accumulate in fp32 at twice
+    fp32's throughput and need no conversion of the weights, but cost ~18 us per call: measured,
+    1 thread, ``[T, d_in] x [d_in, 384]`` alone is 1.3-3.1x faster than converting to fp32 from
+    T 4 / d_in 512 and T 1 / d_in 4096 on, and 2x slower at T 1 / d_in 64; in the whole dense form,
+    with its smaller expand GEMMs, T 64 / d_in 64 still ran 1.4x slower in bf16, hence 2^22),
+    else ``acc`` (fp16 GEMMs are 3-5x slower than fp32 on CPU; other devices keep ``acc``)."""
+    if x.dtype is not torch.bfloat16 or x.device.type != "cpu":
         return acc
     T, d_in = x.shape
     return x.dtype if (T * d_in * n_cols >= 1 << 22 or d_in * n_cols >= 1 << 17) else acc
@@ -1446,7 +1447,7 @@ class _RoutedLoraTrain(torch.autograd.Function):
             if plan is not None:
                 mode, got = 2, _sparse_forward(x, lora_a, lora_b, gates, scaling, needs, plan,
                                                torch.float64 if x.dtype is torch.float64 else torch.float32)
-            else:
+            elif dense is True:  # ("sparse" without a plan: the op's forward and backward)
                 mode, got = 1, _train_forward(x, lora_a, lora_b, expert_ids, gates, scaling, needs)
         if got is None:
             # The op's own implementation without the dispatcher round trip (the Triton test
@@ -1640,22 +1641,25 @@ def _train_plan(x, lora_a, lora_b, expert_ids, gates, scaling):
 
 @functools.lru_cache(maxsize=256)
 def _train_choice(T, d_in, E, ranks, d_outs, k, needs):
-    """None (not the training path), or whether its forward is dense (``_train_plan``): where the
-    dense backward on saved tensors wins, the forward is dense (or grouped) too unless the loop's
-    forward is cheaper by more than the dense backward saves over the op's backward. Sparse
-    routing over many tokens (``3 k <= E``, ``T k >= 2 E``) is the training path too: its forward
-    tries the grouped form first (``_sparse_plan``, on the real cap), else runs dense."""
-    if 3 * k <= E and T * k >= 2 * E:
-        return True
-    if not dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs):
-        return None
-    if dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k):
-        return True
-    dense_f, loop_f = _cpu_costs(T, d_in, E, ranks, d_outs, k)
-    dense_b, loop_b = _saved_costs(T, d_in, E, ranks, d_outs, k, needs)
-    # The loop's GEMMs at half the dense form's speed, as in _saved_costs.
-    loop_f += T * k * sum(r * (d_in + n) for r, n in zip(ranks, d_outs)) / 12
-    return dense_f + dense_b <= loop_f + loop_b
+    """None (not the training path), or its forward (``_train_plan``): True = dense (grouped
+    first, on the real cap, where the routing is sparse), False = the op's forward and backward,
+    ``"sparse"`` = grouped if the real cap allows, else the op's. Where the dense backward on saved
+    tensors wins, the forward is dense too unless the loop's forward is cheaper by more than the
+    dense backward saves over the op's backward. Sparse routing over many tokens (``3 k <= E``,
+    ``T k >= 2 E``) is the training path too: grouped when balanced enough (``_sparse_plan``),
+    else dense only where the model says so."""
+    dense = None
+    if dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs):
+        dense = True
+        if not dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k):
+            dense_f, loop_f = _cpu_costs(T, d_in, E, ranks, d_outs, k)
+            dense_b, loop_b = _saved_costs(T, d_in, E, ranks, d_outs, k, needs)
+            # The loop's GEMMs at half the dense form's speed, as in _saved_costs.
+            loop_f += T * k * sum(r * (d_in + n) for r, n in zip(ranks, d_outs)) / 12
+            dense = dense_f + dense_b <= loop_f + loop_b
+    if 3 * k <= E and T * k >= 2 * E and dense is not True:
+        return "sparse"
+    return dense
 
 
 def routed_lora_add_(out, x, lora_a, lora_b, expert_ids, gates, scaling=1.0):
