@@ -34,7 +34,7 @@ KV_HEADS, HEAD_DIM, BLOCK_SIZE, PREFIX = 8, 128, 16, 1024
 def cases(quick: bool):
     if quick:
         return ([dict(op="compact", B=B, N=N) for B, N in [(2, 4), (3, 8)]]
-                + [dict(op="write", T=T) for T in (8, 72, 1024)])
+                + [dict(op="write", T=T) for T in (8, 72, 1024, 4096)])
     return ([dict(op="compact", B=B, N=N) for B in (1, 64, 256) for N in (4, 8, 64)]
             + [dict(op="write", T=T) for T in (1, 64, 256, 4096)])
 

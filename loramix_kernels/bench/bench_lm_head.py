@@ -31,7 +31,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def cases(quick: bool):
     if quick:
         return [dict(M=M, V=V, H=H, k=k, dtype="fp32")
-                for M, V, H in [(1, 1024, 64), (4, 2048, 64)] for k in (1, 8)]
+                for M, V, H in [(1, 1024, 64), (4, 2048, 64)] for k in (1, 8)] + \
+            [dict(M=64, V=32000, H=512, k=8, dtype="fp32")]  # prefill-sized: a 32k vocabulary
     out = [dict(M=64, V=131072, H=4096, k=k, dtype="bf16") for k in (1, 4, 8)]
     out += [dict(M=1, V=128256, H=4096, k=8, dtype="bf16"), dict(M=16, V=128256, H=4096, k=8, dtype="bf16"),
             dict(M=64, V=256000, H=8192, k=8, dtype="bf16"), dict(M=64, V=131072, H=4096, k=8, dtype="fp32")]

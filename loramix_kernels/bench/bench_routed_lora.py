@@ -58,7 +58,11 @@ def cases(quick: bool):
     if quick:
         out = [dict(op="fwd", T=T, d_in=64, slices="qkv_small", E=8, r=16, k=k)
                for T, k in ((1, 2), (16, 2), (64, 8))]
-        return out + [dict(op="bwd", T=16, d_in=64, slices="qkv_small", E=32, r=16, k=2)]
+        out.append(dict(op="bwd", T=16, d_in=64, slices="qkv_small", E=32, r=16, k=2))
+        # prefill: sparse (the expert-grouped form) and soft routing, and a backward
+        return out + [dict(op="fwd", T=512, d_in=512, slices="qkv_small", E=8, r=16, k=2),
+                      dict(op="fwd", T=2048, d_in=256, slices="qkv_small", E=8, r=16, k=8),
+                      dict(op="bwd", T=512, d_in=256, slices="qkv_small", E=8, r=16, k=2)]
     out = []
     for T, sl, E, r, k in itertools.product([1, 16, 64, 2048, 8192], ["qkv", "single"], [6, 8, 64],
                                            [16, 64], [1, 2, 3, "E"]):

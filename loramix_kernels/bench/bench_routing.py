@@ -28,7 +28,8 @@ from loramix_kernels.reference.routing import route_topk_ref, route_topk_unfused
 
 def cases(quick: bool):
     if quick:
-        return [dict(T=T, E=E, k=k) for T, E, k in [(1, 6, 3), (64, 8, 2), (256, 64, 8), (64, 256, 8)]]
+        return [dict(T=T, E=E, k=k) for T, E, k in [(1, 6, 3), (64, 8, 2), (256, 64, 8), (64, 256, 8),
+                                                    (4096, 8, 2)]]  # (prefill)
     return [dict(T=T, E=E, k=k) for T in (1, 64, 4096, 32768) for E in (6, 8, 64, 256)
             for k in (1, 2, 3, 8) if k <= E]
 

@@ -46,7 +46,8 @@ def _case(layer, T, shard, dims):
 
 def cases(quick: bool):
     dims, Ts, shards = (QUICK, [1, 16], [2, 4]) if quick else (FULL, [1, 64, 2048], [2, 4, 8])
-    return [_case(layer, T, s, dims) for layer, T, s in itertools.product(["column", "row"], Ts, shards)]
+    out = [_case(layer, T, s, dims) for layer, T, s in itertools.product(["column", "row"], Ts, shards)]
+    return out + ([_case(layer, 512, 2, QUICK) for layer in ("column", "row")] if quick else [])  # prefill
 
 
 def headline_cases():

@@ -62,7 +62,8 @@ def _k(routing, E):
 def cases(quick: bool):
     if quick:
         rows = [(128, "qkv", 6, "soft", "joint"), (256, "qkv", 6, "topk", "frozen"),
-                (64, "single", 64, "topk", "joint"), (256, "single", 8, "soft", "frozen")]
+                (64, "single", 64, "topk", "joint"), (256, "single", 8, "soft", "frozen"),
+                (1024, "qkv", 6, "topk", "joint"), (512, "single", 8, "topk", "joint")]  # prefill
         return [dict(T=T, d_in=256, slices=sl, E=E, r=16, k=_k(rt, E), routing=rt, regime=rg)
                 for T, sl, E, rt, rg in rows]
     return [dict(T=T, d_in=4096, slices=sl, E=E, r=16, k=_k(rt, E), routing=rt, regime=rg)

@@ -97,7 +97,8 @@ def verify_sampling_separate_pass(tokens, parents, target_probs, draft_probs, se
 
 def cases(quick: bool):
     if quick:
-        out = [dict(op="verify_sampling", B=B, N=N, V=V, draft=True) for B, N, V in [(2, 4, 64), (3, 8, 200)]]
+        out = [dict(op="verify_sampling", B=B, N=N, V=V, draft=True)
+               for B, N, V in [(2, 4, 64), (3, 8, 200), (32, 8, 4096)]]
         out.append(dict(op="verify_sampling", B=2, N=8, V=64, draft=False))
         out += [dict(op="verify_greedy", B=B, N=N) for B, N in [(2, 4), (4, 64)]]
         return out
