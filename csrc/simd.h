@@ -2,7 +2,7 @@
 // vectors, functions compiled for several x86-64 levels and picked at load time, dtype loads.
 //
 // A kernel's entry point carries LORAMIX_SIMD_CLONES (AVX-512, AVX2 + FMA and baseline x86-64
-// builds, chosen by the CPU at load time: GCC's target_clones, Linux x86-64; other GNU-compatible
+// builds, chosen by the CPU at load time: GCC 11+'s target_clones, Linux x86-64; other GNU-compatible
 // targets get one build for the compiler's flags); everything it calls is LORAMIX_INLINE, so it is
 // compiled for each of those targets too. Include only under `#if defined(__GNUC__)`.
 
@@ -15,7 +15,8 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+// (GCC 11 named the x86-64-v3 / v4 levels; older GCCs and Clang build once, for their flags.)
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 11
 #define LORAMIX_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LORAMIX_SIMD_CLONES
