@@ -33,6 +33,15 @@ using simd::vf;
 struct RowCheck {
   bool nonfinite = false, negative = false;
   double worst_sum = 1.0;  // the row sum farthest from 1 so far
+
+  // Fold in another row's (or set of rows') result.
+  void merge(const RowCheck& o) {
+    nonfinite = nonfinite || o.nonfinite;
+    negative = negative || o.negative;
+    if (std::abs(o.worst_sum - 1.0) > std::abs(worst_sum - 1.0) || std::isnan(o.worst_sum)) {
+      worst_sum = o.worst_sum;
+    }
+  }
 };
 
 // Elements converted per step (fp16 / bf16 / strided rows go through a float buffer).
@@ -40,8 +49,8 @@ constexpr int64_t kStep = 1024;
 
 // One row: its sum (fp32 lanes per step, steps summed in double), whether an entry is NaN / inf,
 // whether one is negative.
-LORAMIX_SIMD_CLONES void check_row(const char* row, int64_t V, int64_t stride, int dtype,
-                                   int64_t es, float* buf, RowCheck& r) {
+LORAMIX_SIMD_CLONES RowCheck check_row(const char* row, int64_t V, int64_t stride, int dtype,
+                                       int64_t es, float* buf) {
   vf z{}, mn{};
   double s = 0.0;
   bool neg = false;
@@ -71,9 +80,11 @@ LORAMIX_SIMD_CLONES void check_row(const char* row, int64_t V, int64_t stride, i
     }
     s += static_cast<double>(simd::hsum(acc)) + tail;
   }
-  r.nonfinite = r.nonfinite || !(simd::hsum(z) == 0.0f);
-  r.negative = r.negative || neg || simd::hmin(mn) < 0.0f;
-  if (std::abs(s - 1.0) > std::abs(r.worst_sum - 1.0) || std::isnan(s)) r.worst_sum = s;
+  RowCheck r;
+  r.nonfinite = !(simd::hsum(z) == 0.0f);
+  r.negative = neg || simd::hmin(mn) < 0.0f;
+  r.worst_sum = s;
+  return r;
 }
 
 std::tuple<int64_t, double> prob_rows_check(const at::Tensor& probs, const at::Tensor& used,
@@ -91,21 +102,17 @@ std::tuple<int64_t, double> prob_rows_check(const at::Tensor& probs, const at::T
   const bool* u = used.data_ptr<bool>();
   const int64_t ub = used.stride(0), un = used.stride(1);
   RowCheck all;
-  std::mutex merge;
+  std::mutex mutex;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1));
   at::parallel_for(0, B * N, grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf(static_cast<size_t>(std::min(kStep, V)));
     RowCheck mine;
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t b = t / N, i = t % N;
-      if (u[b * ub + i * un]) check_row(base + b * sb + i * sn, V, sv, dtype, es, buf.data(), mine);
+      if (u[b * ub + i * un]) mine.merge(check_row(base + b * sb + i * sn, V, sv, dtype, es, buf.data()));
     }
-    std::lock_guard<std::mutex> lock(merge);
-    all.nonfinite = all.nonfinite || mine.nonfinite;
-    all.negative = all.negative || mine.negative;
-    if (std::abs(mine.worst_sum - 1.0) > std::abs(all.worst_sum - 1.0) || std::isnan(mine.worst_sum)) {
-      all.worst_sum = mine.worst_sum;
-    }
+    std::lock_guard<std::mutex> lock(mutex);
+    all.merge(mine);
   });
   if (all.nonfinite) return {1, all.worst_sum};
   if (all.negative) return {2, all.worst_sum};

@@ -1652,10 +1652,8 @@ def _train_choice(T, d_in, E, ranks, d_outs, k, needs):
     if dense_saved_cheaper_cpu(T, d_in, E, ranks, d_outs, k, needs):
         dense = True
         if not dense_cheaper_cpu(T, d_in, E, ranks, d_outs, k):
-            dense_f, loop_f = _cpu_costs(T, d_in, E, ranks, d_outs, k)
+            dense_f, loop_f = _forward_costs(T, d_in, E, ranks, d_outs, k)
             dense_b, loop_b = _saved_costs(T, d_in, E, ranks, d_outs, k, needs)
-            # The loop's GEMMs at half the dense form's speed, as in _saved_costs.
-            loop_f += T * k * sum(r * (d_in + n) for r, n in zip(ranks, d_outs)) / 12
             dense = dense_f + dense_b <= loop_f + loop_b
     if 3 * k <= E and T * k >= 2 * E and dense is not True:
         return "sparse"
